@@ -1,0 +1,222 @@
+"""``bench``: the command line (click).
+
+    bench run [--methods all] [--models tiny-cifar10] [--bits w8a8,w4a8] ...
+    bench ls methods|models
+    bench leaderboard --out DIR [--dest DIR]
+    bench train model tiny-cifar10 --data PATH | bench train extractor cifarnet --data PATH
+
+Bad input exits 2 with one line naming the problem and the fix, before anything is
+written; a sweep in which some run failed exits 1 after finishing the others.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+DEFAULT_OUT = "runs"
+
+
+def _device(device: str) -> str:
+    if device != "auto":
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def main() -> None:
+    """dmqbench: post-training quantization of diffusion models, benchmarked under one protocol."""
+
+
+@main.command()
+@click.option("--methods", "methods_", default="all", show_default=True, help="'all' or a comma list (bench ls methods)")
+@click.option("--models", default="tiny-cifar10", show_default=True, help="comma list of zoo models (bench ls models)")
+@click.option("--bits", default="w8a8,w4a8", show_default=True, help="comma list of wXaY")
+@click.option("--seeds", default="0", show_default=True, help="comma list of run seeds")
+@click.option("--protocol", default="smoke", show_default=True, help="smoke | paper")
+@click.option("--preset", default=None, help="paper | fast (default: the protocol's)")
+@click.option("--scope", default="uniform", show_default=True, help="uniform | paper: which layers are quantized")
+@click.option("--num-samples", type=int, default=None, help="override the protocol's sample count")
+@click.option("--steps", type=int, default=None, help="override the protocol's sampler steps")
+@click.option("--model-path", type=click.Path(), default=None, help="a local diffusers pipeline directory")
+@click.option("--out", default=DEFAULT_OUT, show_default=True, type=click.Path(), help="output directory")
+@click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda | cuda:N")
+@click.option("--batch-size", type=int, default=64, show_default=True, help="does not change the samples")
+@click.option("--tracking-uri", default=None, help="MLflow tracking URI (default: sqlite:///OUT/mlflow.db)")
+@click.option("--inception-weights", type=click.Path(), default=None, help="torch-fidelity Inception weights file")
+@click.option("--executor", type=click.Choice(["local", "gpus", "slurm"]), default="local", show_default=True,
+              help="local: in sequence; gpus: one job per visible GPU; slurm: an array job through submitit")
+@click.option("--slurm-partition", default=None, help="slurm: partition")
+@click.option("--slurm-time", type=int, default=240, show_default=True, help="slurm: minutes per job")
+@click.option("--slurm-gpus", type=int, default=1, show_default=True, help="slurm: GPUs per job (0 for CPU jobs)")
+@click.option("--slurm-parallelism", type=int, default=16, show_default=True, help="slurm: array jobs at once")
+def run(methods_, models, bits, seeds, protocol, preset, scope, num_samples, steps, model_path, out, device,
+        batch_size, tracking_uri, inception_weights, executor, slurm_partition, slurm_time, slurm_gpus,
+        slurm_parallelism) -> None:
+    """Run every method x model x bit-width under one protocol; resume what is done."""
+    from harness.runner import RunOptions
+    from harness.spec import SpecError, expand
+    from harness.sweep import run_sweep
+    from harness.tracking import default_tracking_uri
+
+    try:
+        seed_list = [int(s) for s in seeds.split(",") if s.strip()]
+    except ValueError:
+        raise click.UsageError(f"--seeds must be a comma list of integers, got {seeds!r}") from None
+    if model_path and not (Path(model_path) / "model_index.json").exists() and not (Path(model_path) / "unet").is_dir():
+        raise click.UsageError(f"--model-path {model_path} is not a diffusers pipeline directory "
+                               "(no model_index.json or unet/): save one with pipeline.save_pretrained(DIR)")
+    if batch_size < 1:
+        raise click.UsageError("--batch-size must be at least 1")
+    try:
+        specs = expand(methods_, models, bits, seed_list, protocol, preset, scope, num_samples, steps, model_path)
+    except SpecError as e:
+        raise click.UsageError(str(e)) from None
+    if inception_weights:
+        from harness.metrics import validate_inception_weights
+
+        try:
+            validate_inception_weights(inception_weights)
+        except ValueError as e:
+            raise click.UsageError(str(e)) from None
+    out_dir = Path(out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    uri = tracking_uri or default_tracking_uri(out_dir)
+    opts = RunOptions(out=out_dir, device=_device(device), batch_size=batch_size, inception_weights=inception_weights)
+    click.echo(f"dmqbench: {len(specs)} runs ({protocol} protocol) -> {out_dir}")
+    from harness.executors import make_executor
+
+    runner = make_executor(executor, out_dir=out_dir, partition=slurm_partition, time_minutes=slurm_time,
+                           gpus=slurm_gpus, parallelism=slurm_parallelism)
+    outcome = run_sweep(specs, opts, uri, {"methods": methods_, "models": models, "bits": bits, "seeds": seeds,
+                                            "protocol": protocol, "preset": preset, "scope": scope}, runner)
+    click.echo(f"done: {len(outcome.completed)} ran, {len(outcome.skipped)} already complete, "
+               f"{len(outcome.failed)} failed")
+    for name, err in outcome.failed:
+        click.echo(f"  FAILED {name}: {err}", err=True)
+    click.echo(f"results: {out_dir / 'runs'}  |  table: bench leaderboard --out {out_dir}")
+    click.echo(f"MLflow UI: mlflow ui --backend-store-uri {uri}")
+    sys.exit(0 if outcome.ok else 1)
+
+
+@main.command(name="ls")
+@click.argument("what", type=click.Choice(["methods", "models"]))
+def ls(what: str) -> None:
+    """List registered methods or zoo models."""
+    if what == "methods":
+        import methods
+
+        for name in methods.names():
+            cls = methods.get(name)
+            doc = (cls.__module__ and sys.modules[cls.__module__].__doc__ or "").strip().splitlines()
+            click.echo(f"{name:12s} {doc[0] if doc else ''}")
+    else:
+        from models.registry import ZOO
+
+        for spec in ZOO.values():
+            click.echo(f"{spec.name:18s} {spec.source:9s} {spec.description}")
+
+
+@main.command()
+@click.option("--out", default=DEFAULT_OUT, show_default=True, type=click.Path(), help="the sweep's output directory")
+@click.option("--dest", default=None, type=click.Path(), help="where to write the tables (default: OUT)")
+@click.option("--tracking-uri", default=None, help="MLflow tracking URI (default: sqlite:///OUT/mlflow.db)")
+def leaderboard(out: str, dest: str | None, tracking_uri: str | None) -> None:
+    """Tabulate a sweep: methods x bit-widths per model and protocol (Markdown + CSV)."""
+    from harness.leaderboard import build
+    from harness.tracking import default_tracking_uri
+
+    out_dir = Path(out)
+    if tracking_uri is None and not (out_dir / "mlflow.db").exists():
+        raise click.UsageError(f"no MLflow store at {out_dir / 'mlflow.db'}: run `bench run --out {out}` first")
+    try:
+        md, md_path, csv_path = build(tracking_uri or default_tracking_uri(out_dir), Path(dest or out_dir))
+    except ValueError as e:
+        raise click.UsageError(str(e)) from None
+    click.echo(md)
+    click.echo(f"\nwrote {md_path} and {csv_path}")
+
+
+@main.group()
+def train() -> None:
+    """Train the embedded assets (tiny-cifar10 DDPM, cifarnet extractor)."""
+
+
+def _mlflow_logger(experiment: str, run_name: str, params: dict):
+    import mlflow
+
+    mlflow.set_experiment(experiment)
+    run = mlflow.start_run(run_name=run_name)
+    mlflow.log_params({k: str(v)[:500] for k, v in params.items()})
+    return run, lambda metrics, step: mlflow.log_metrics(metrics, step=step)
+
+
+@train.command(name="model")
+@click.argument("name", type=click.Choice(["tiny-cifar10"]))
+@click.option("--data", required=True, type=click.Path(exists=True), help="CIFAR-10 folder, .tar.gz or pickles")
+@click.option("--out", default=None, type=click.Path(), help="default: models/assets/NAME")
+@click.option("--minutes", type=float, default=20.0, show_default=True)
+@click.option("--batch-size", type=int, default=32, show_default=True)
+@click.option("--lr", type=float, default=1e-3, show_default=True)
+@click.option("--ema-decay", type=float, default=0.995, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--tracking-uri", default="sqlite:///training-mlflow.db", show_default=True)
+def train_model(name, data, out, minutes, batch_size, lr, ema_decay, seed, tracking_uri) -> None:
+    """Train the embedded DDPM."""
+    import mlflow
+
+    from models.registry import ASSETS
+    from models.train_unet import UNetTrainConfig, train_tiny_unet
+
+    cfg = UNetTrainConfig(data=data, out=out or str(ASSETS / name), seed=seed, batch_size=batch_size, lr=lr,
+                          ema_decay=ema_decay, max_minutes=minutes, cache_dir=str(Path.home() / ".cache" / "dmqbench"))
+    mlflow.set_tracking_uri(tracking_uri)
+    run, log = _mlflow_logger("dmqbench-training", name, vars(cfg))
+    with run:
+        card = train_tiny_unet(cfg, log=log)
+    click.echo(f"saved {cfg.out} after {card['steps']} steps ({card['wall_seconds']} s on {card['hardware']})")
+
+
+@train.command(name="extractor")
+@click.argument("name", type=click.Choice(["cifarnet"]))
+@click.option("--data", required=True, type=click.Path(exists=True), help="CIFAR-10 folder, .tar.gz or pickles")
+@click.option("--out", default=None, type=click.Path(), help="default: models/assets/NAME")
+@click.option("--minutes", type=float, default=25.0, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--tracking-uri", default="sqlite:///training-mlflow.db", show_default=True)
+def train_extractor(name, data, out, minutes, seed, tracking_uri) -> None:
+    """Train the CIFAR-10 feature network used by the metrics."""
+    import mlflow
+
+    from models.registry import ASSETS
+    from models.train_cifarnet import train_cifarnet
+
+    mlflow.set_tracking_uri(tracking_uri)
+    run, log = _mlflow_logger("dmqbench-training", name, {"data": data, "minutes": minutes, "seed": seed})
+    with run:
+        card = train_cifarnet(data, out or str(ASSETS / name), seed=seed, max_minutes=minutes,
+                              cache_dir=str(Path.home() / ".cache" / "dmqbench"), log=log)
+    click.echo(f"saved {out or ASSETS / name}: {card}")
+
+
+def _add_command_modules() -> None:
+    """Every module in harness/commands/ that defines ``command`` (a click command) becomes a subcommand."""
+    import importlib
+    import pkgutil
+
+    from harness import commands
+
+    for info in pkgutil.iter_modules(commands.__path__):
+        module = importlib.import_module(f"harness.commands.{info.name}")
+        if hasattr(module, "command"):
+            main.add_command(module.command)
+
+
+_add_command_modules()
+
+if __name__ == "__main__":
+    main()

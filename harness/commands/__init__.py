@@ -1,0 +1,1 @@
+"""Subcommands of `bench`, one module each (each defines `command`, a click command)."""

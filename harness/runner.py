@@ -1,0 +1,167 @@
+"""Run one spec end to end: model -> calibration -> method -> sampling -> metrics -> results.json.
+
+Each stage leaves its product on disk (calibration facts and the quantized model,
+sample shards, results), so a run killed at any point resumes at the stage it was in,
+and a complete run is skipped. Workers call :func:`run_one`; only the driver mirrors
+results into MLflow (see harness/sweep.py).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import methods
+from harness.calibration import EVAL_SEED_STRIDE, TrajectoryBank, eval_seeds
+from harness.generate import generate_samples, make_schedule
+from harness.shards import ShardStore
+from harness.spec import RunSpec
+from harness.tracking import git_revision, read_results, versions, write_json_atomic
+from methods.base import BitConfig
+from methods.quant.calibrate import call_at_step
+from methods.quant.surgery import UNIFORM
+from models.loading import load_model
+from models.registry import get_model, local_model
+
+PROBE_IMAGES = 16  # images whose FP trajectories score paired/eps_mse
+
+
+@dataclass
+class RunOptions:
+    out: Path
+    device: str = "cpu"
+    batch_size: int = 64
+    inception_weights: str | None = None
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def cache_dir(self) -> Path:
+        return Path(self.out) / "cache"
+
+
+def run_dir(spec: RunSpec, out: Path) -> Path:
+    return Path(out) / "runs" / spec.run_name
+
+
+def is_complete(spec: RunSpec, out: Path) -> bool:
+    res = read_results(run_dir(spec, out))
+    return res is not None and res.get("status") == "complete"
+
+
+def _model_spec(spec: RunSpec):
+    return local_model(spec.model_path) if spec.model_path else get_model(spec.model)
+
+
+def _quantize(spec: RunSpec, model, bank: TrajectoryBank, rdir: Path):
+    """Calibrate once; later attempts reload the saved quantized denoiser and its facts."""
+    saved, facts_path = rdir / "quantized_unet.pt", rdir / "calibration.json"
+    if saved.exists() and facts_path.exists():
+        unet = torch.load(saved, map_location=bank.device, weights_only=False)
+        return model.denoiser.with_unet(unet), json.loads(facts_path.read_text())
+    cls = methods.get(spec.method)
+    method = cls(cls.config_cls.from_dict(spec.method_config) if spec.method_config else None)
+    scope = UNIFORM if spec.scope == "uniform" else method.paper_scope()
+    artifact_dir = rdir / "artifacts"
+    artifact_dir.mkdir(parents=True, exist_ok=True)
+    bits = BitConfig.parse(spec.bits) if spec.bits != "fp" else BitConfig(16, 16)
+    # The method quantizes a copy: the bank keeps the untouched FP denoiser for calibration and probes.
+    result = method.quantize(copy.deepcopy(model.denoiser), bank, bits, scope, artifact_dir)
+    facts = dict(result.facts)
+    if cls.quantizes:
+        torch.save(result.denoiser.unet, saved)
+    write_json_atomic(facts_path, facts)
+    return result.denoiser, facts
+
+
+@torch.no_grad()
+def eps_mse(denoiser, probe, device) -> float:
+    """paired/eps_mse: mean over steps of the noise-prediction MSE on the FP trajectory states."""
+    errs = []
+    for s in range(probe.num_steps):
+        batch = probe.at(torch.arange(probe.num_images), torch.full((probe.num_images,), s))
+        eps = call_at_step(denoiser, batch, probe.num_steps, device).float().cpu()
+        errs.append(torch.mean((eps - probe.eps[:, s].float()) ** 2).item())
+    return float(np.mean(errs))
+
+
+def save_grid(images: np.ndarray, path: Path, n: int = 64) -> None:
+    from PIL import Image
+    from torchvision.utils import make_grid
+
+    grid = make_grid(torch.from_numpy(images[:n]), nrow=8, padding=1)
+    Image.fromarray(grid.permute(1, 2, 0).numpy()).save(path)
+
+
+def run_one(spec: RunSpec, opts: RunOptions) -> dict:
+    """Run (or resume) one spec and return its results; failures are recorded, not raised."""
+    from harness.metrics import compute_metrics, paired_metrics
+
+    rdir = run_dir(spec, opts.out)
+    existing = read_results(rdir)
+    if existing and existing.get("status") == "complete":
+        return existing
+    rdir.mkdir(parents=True, exist_ok=True)
+    (rdir / "spec.json").write_text(json.dumps(spec.to_dict(), indent=2, sort_keys=True))
+    results = {
+        "spec": spec.to_dict(), "config_hash": spec.config_hash,
+        "seeds": {"eval": f"{spec.seed * EVAL_SEED_STRIDE}..{spec.seed * EVAL_SEED_STRIDE + spec.num_samples - 1}",
+                  "run_seed": spec.seed},
+        "versions": versions(), "git_revision": git_revision(), "timings": {}, "metrics": {}, "facts": {},
+        "status": "running",
+    }
+    t0 = time.perf_counter()
+    try:
+        torch.manual_seed(spec.seed)
+        model = load_model(_model_spec(spec), spec.model_path, opts.device)
+        schedule = make_schedule(model, spec.steps, spec.spacing)
+        bank = TrajectoryBank(model, schedule, spec.sampler, spec.eta, opts.cache_dir, opts.device, opts.batch_size,
+                              model_key=f"{spec.model}:{spec.model_path}")
+        t = time.perf_counter()
+        denoiser, facts = _quantize(spec, model, bank, rdir)
+        results["facts"] = facts
+        results["timings"]["calib_seconds"] = float(facts.get("calib_seconds", time.perf_counter() - t))
+
+        t = time.perf_counter()
+        store = ShardStore(rdir / "samples", spec.num_samples)
+        made = generate_samples(model, denoiser, schedule, spec.sampler, spec.eta, spec.seed, store, opts.device,
+                                opts.batch_size, opts.rank, opts.world, desc=f"{spec.method} {spec.bits}")
+        results["timings"]["sample_seconds"] = time.perf_counter() - t
+        results["facts"]["images_generated_this_attempt"] = made
+        if opts.world > 1 and opts.rank != 0:
+            return results  # rank 0 scores once every shard is in
+        images = store.load_all()
+        save_grid(images, rdir / "samples_grid.png")
+
+        t = time.perf_counter()
+        metrics = compute_metrics(images, extractor=spec.extractor, device=opts.device,
+                                  inception_weights=opts.inception_weights)
+        ref_dir = run_dir(spec.fp_reference(), opts.out)
+        ref_store = ShardStore(ref_dir / "samples", spec.num_samples)
+        if spec.method == "fp":
+            metrics.update(paired_metrics(images, images))
+        elif ref_store.complete:
+            metrics.update(paired_metrics(images, ref_store.load_all()))
+        probe_seed_base = spec.seed * EVAL_SEED_STRIDE
+        probe_bank = TrajectoryBank(model, schedule, spec.sampler, spec.eta, opts.cache_dir, opts.device,
+                                    opts.batch_size, seed_base=probe_seed_base, model_key=f"{spec.model}:{spec.model_path}")
+        probe = probe_bank.trajectories(min(PROBE_IMAGES, spec.num_samples))
+        assert eval_seeds(spec.seed, 0, 1)[0] == probe_seed_base  # the probe images are the first eval images
+        metrics["paired/eps_mse"] = eps_mse(denoiser, probe, opts.device)
+        results["timings"]["metric_seconds"] = time.perf_counter() - t
+        results["metrics"] = metrics
+        results["status"] = "complete"
+    except Exception as e:  # recorded; the sweep goes on
+        results["status"] = "failed"
+        results["error"] = f"{type(e).__name__}: {e}"
+        results["traceback"] = traceback.format_exc()
+    results["timings"]["total_seconds"] = time.perf_counter() - t0
+    write_json_atomic(rdir / "results.json", results)
+    return results

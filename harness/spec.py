@@ -1,0 +1,174 @@
+"""Run specs: what one benchmark run is, how a sweep expands, and how it is validated.
+
+A :class:`RunSpec` is everything that determines a run's samples and scores (never
+the batch size or device count: those do not change the samples). Its hash names the
+run's directory, keys resume, and tags its MLflow run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field, replace
+
+import methods
+from methods.base import PRESETS, BitConfig
+from methods.registry import UnknownMethodError
+from models.registry import ModelSpec, get_model, local_model
+
+SPEC_VERSION = 1
+FP_BITS = "fp"
+DEFAULT_BITS = ("w8a8", "w4a8")
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """A named evaluation protocol. ``None`` fields fall back to the model's published value."""
+
+    name: str
+    preset: str
+    num_samples: int | None = None
+    steps: int | None = None
+    description: str = ""
+
+
+PROTOCOLS = {
+    "smoke": Protocol("smoke", "fast", num_samples=256, steps=20,
+                      description="CPU smoke: 256 samples, 20 steps, fast presets; relative comparisons only"),
+    "paper": Protocol("paper", "paper", description="the model's published protocol (steps, eta, spacing, 50k samples)"),
+}
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    method: str
+    model: str
+    bits: str
+    seed: int
+    protocol: str
+    preset: str
+    scope: str
+    num_samples: int
+    steps: int
+    spacing: str
+    eta: float
+    sampler: str
+    extractor: str
+    model_path: str | None = None
+    method_config: dict = field(default_factory=dict, hash=False, compare=False)
+    version: int = SPEC_VERSION
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @property
+    def config_hash(self) -> str:
+        blob = json.dumps(self.to_dict(), sort_keys=True, default=str).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+    @property
+    def run_name(self) -> str:
+        return f"{self.model}/{self.method}-{self.bits}-s{self.seed}-{self.config_hash[:8]}"
+
+    def fp_reference(self) -> RunSpec:
+        """The FP run this run's paired metrics compare against (same model, protocol, seeds)."""
+        return replace(self, method="fp", bits=FP_BITS, scope="uniform", method_config={}, preset=self.preset)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> RunSpec:
+        return cls(**d)
+
+
+class SpecError(ValueError):
+    """Bad sweep input; the message names the problem and the fix."""
+
+
+def _split(text: str) -> list[str]:
+    return [s.strip() for s in text.split(",") if s.strip()]
+
+
+def resolve_methods(text: str) -> list[str]:
+    known = methods.names()
+    if text.strip() == "all":
+        return known
+    names = _split(text)
+    for n in names:
+        try:
+            methods.get(n)
+        except UnknownMethodError as e:
+            raise SpecError(str(e)) from None
+    return names
+
+
+def resolve_models(text: str, model_path: str | None) -> list[ModelSpec]:
+    if model_path:
+        return [local_model(model_path)]
+    out = []
+    for n in _split(text):
+        try:
+            out.append(get_model(n))
+        except KeyError as e:
+            raise SpecError(e.args[0]) from None
+    return out
+
+
+def resolve_bits(text: str) -> list[str]:
+    bits = []
+    for b in _split(text):
+        try:
+            bits.append(str(BitConfig.parse(b)))
+        except ValueError as e:
+            raise SpecError(str(e)) from None
+    return bits
+
+
+def expand(
+    method_text: str = "all",
+    model_text: str = "tiny-cifar10",
+    bits_text: str = ",".join(DEFAULT_BITS),
+    seeds: list[int] | None = None,
+    protocol: str = "smoke",
+    preset: str | None = None,
+    scope: str = "uniform",
+    num_samples: int | None = None,
+    steps: int | None = None,
+    model_path: str | None = None,
+) -> list[RunSpec]:
+    """Expand a sweep into run specs; raise :class:`SpecError` before anything runs on bad input.
+
+    The FP reference of every (model, seed) is always included and comes first, since
+    the paired metrics of every quantized run compare against its samples.
+    """
+    if protocol not in PROTOCOLS:
+        raise SpecError(f"unknown protocol {protocol!r}: use one of {', '.join(PROTOCOLS)}")
+    if preset is not None and preset not in PRESETS:
+        raise SpecError(f"unknown preset {preset!r}: use one of {', '.join(PRESETS)}")
+    if scope not in ("uniform", "paper"):
+        raise SpecError(f"unknown scope {scope!r}: use 'uniform' or 'paper'")
+    proto = PROTOCOLS[protocol]
+    method_names = resolve_methods(method_text)
+    models = resolve_models(model_text, model_path)
+    bit_list = resolve_bits(bits_text)
+    if not bit_list:
+        raise SpecError("no bit-widths given: pass e.g. --bits w8a8,w4a8")
+    seeds = seeds if seeds else [0]
+    specs: list[RunSpec] = []
+    for model in models:
+        n = num_samples or proto.num_samples or model.num_samples
+        s = steps or proto.steps or model.steps
+        if n < 1 or s < 1:
+            raise SpecError(f"--num-samples and --steps must be positive (got {n}, {s})")
+        for seed in seeds:
+            common = dict(model=model.name, seed=seed, protocol=protocol, preset=preset or proto.preset,
+                          num_samples=n, steps=s, spacing=model.spacing, eta=model.eta, sampler=model.sampler,
+                          extractor=model.extractor, model_path=model.location if model.source == "local" else None)
+            fp = RunSpec(method="fp", bits=FP_BITS, scope="uniform", **common)
+            specs.append(fp)
+            for name in method_names:
+                cls = methods.get(name)
+                if not cls.quantizes:
+                    continue
+                for bits in bit_list:
+                    cfg = cls.config_cls.from_preset(common["preset"]).to_dict()
+                    specs.append(RunSpec(method=name, bits=bits, scope=scope, method_config=cfg, **common))
+    return specs
