@@ -125,7 +125,8 @@ def ls(what: str) -> None:
 @click.option("--out", default=DEFAULT_OUT, show_default=True, type=click.Path(), help="the sweep's output directory")
 @click.option("--dest", default=None, type=click.Path(), help="where to write the tables (default: OUT)")
 @click.option("--tracking-uri", default=None, help="MLflow tracking URI (default: sqlite:///OUT/mlflow.db)")
-def leaderboard(out: str, dest: str | None, tracking_uri: str | None) -> None:
+@click.option("--html", "html_", is_flag=True, help="also write leaderboard.html (self-contained: tables, plots, samples)")
+def leaderboard(out: str, dest: str | None, tracking_uri: str | None, html_: bool = False) -> None:
     """Tabulate a sweep: methods x bit-widths per model and protocol (Markdown + CSV)."""
     from harness.leaderboard import build
     from harness.tracking import default_tracking_uri
@@ -139,6 +140,10 @@ def leaderboard(out: str, dest: str | None, tracking_uri: str | None) -> None:
         raise click.UsageError(str(e)) from None
     click.echo(md)
     click.echo(f"\nwrote {md_path} and {csv_path}")
+    if html_:
+        from harness.html_report import write_html
+
+        click.echo(f"wrote {write_html(tracking_uri or default_tracking_uri(out_dir), out_dir, Path(dest or out_dir))}")
 
 
 @main.group()

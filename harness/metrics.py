@@ -194,12 +194,16 @@ def _tf_name(extractor: str) -> str:
     return {"cifarnet": TF_CIFARNET, "inception": TF_INCEPTION}[extractor]
 
 
-def get_extractor(extractor: str, layers, device: str = "cpu", inception_weights: str | None = None):
-    """A registered torch-fidelity extractor instance (cached per name/layers/weights/device)."""
+# Every layer an extractor provides to the metric layer; one cached instance computes them all.
+ALL_LAYERS = {"cifarnet": ("pool", "logits", "spatial"), "inception": ("2048", "logits_unbiased", "spatial")}
+
+
+def get_extractor(extractor: str, device: str = "cpu", inception_weights: str | None = None):
+    """The registered torch-fidelity extractor instance for ``extractor`` (cached per weights/device)."""
     tf = _tf()
     from torch_fidelity.utils import create_feature_extractor
 
-    layers = tuple(layers)
+    layers = ALL_LAYERS[extractor]
     weights = str(inception_weights) if extractor == "inception" else None
     key = (extractor, layers, weights, str(device))
     if key not in _EXTRACTOR_CACHE:
@@ -238,15 +242,16 @@ def extract_features(
         return {"pool": _cleanfid_features(images, _cleanfid_inception(device), device, batch_size, resize=True)}
     from torch_fidelity.utils import get_featuresdict_from_dataset
 
-    fe = get_extractor(
-        extractor, layers, device, _resolve_inception(inception_weights) if extractor == "inception" else None
-    )
+    unknown = set(layers) - set(ALL_LAYERS[extractor])
+    if unknown:
+        raise ValueError(f"extractor {extractor!r} has no layers {sorted(unknown)}; it has {ALL_LAYERS[extractor]}")
+    fe = get_extractor(extractor, device, _resolve_inception(inception_weights) if extractor == "inception" else None)
     cuda = str(device).startswith("cuda")
     with torch.no_grad():
         feats = get_featuresdict_from_dataset(
             _UInt8Images(images), fe, batch_size, cuda=cuda, save_cpu_ram=True, verbose=False
         )
-    return {k: v.float().cpu().numpy() for k, v in feats.items()}
+    return {k: feats[k].float().cpu().numpy() for k in layers}
 
 
 def extractor_weights_sha256(extractor: str, inception_weights: str | None = None) -> str:
@@ -293,7 +298,7 @@ def validate_inception_weights(path: str | os.PathLike) -> Path:
     if not p.is_file():
         raise ValueError(f"Inception weights file not found: {p}; {fix}")
     try:
-        get_extractor("inception", ("2048", "logits_unbiased", "spatial"), "cpu", str(p))
+        get_extractor("inception", "cpu", str(p))
     except Exception as e:  # noqa: BLE001 - any load failure becomes one clean message
         msg = " ".join(str(e).split())[:200]
         raise ValueError(f"Inception weights {p} could not be loaded ({type(e).__name__}: {msg}); {fix}") from e
@@ -329,6 +334,16 @@ def random_inception_weights(path: str | os.PathLike, seed: int = 0) -> Path:
         blank = _Blank("blank", ["2048"], feature_extractor_weights_path=str(empty))
     finally:
         empty.unlink()
+    # He-normal convs (PyTorch's default init shrinks activations to ~1e-8 over Inception's depth,
+    # which would make every feature degenerate); BN keeps identity running statistics.
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in blank.modules():
+            if isinstance(m, torch.nn.Conv2d):
+                fan_in = m.weight[0].numel()
+                m.weight.copy_(torch.randn(m.weight.shape, generator=g) * math.sqrt(2.0 / fan_in))
+            elif isinstance(m, torch.nn.Linear):
+                m.weight.copy_(torch.randn(m.weight.shape, generator=g) / math.sqrt(m.weight.shape[1]))
     torch.save(blank.state_dict(), p)
     return p
 
@@ -359,7 +374,7 @@ def _cleanfid_features(images: np.ndarray, model_fn, device: str, batch_size: in
 
 
 def _cifarnet_cleanfid_fn(device: str):
-    fe = get_extractor("cifarnet", ("pool",), device)
+    fe = get_extractor("cifarnet", device)
 
     def fn(x: torch.Tensor) -> torch.Tensor:  # float [0,255] Bx3x32x32 from clean-fid
         return fe.net.features(x.round().clamp(0, 255).to(torch.uint8))["pool"]

@@ -44,8 +44,9 @@ def make_timesteps(num_train: int, steps: int, spacing: str) -> list[int]:
         seq = [int(round(s)) for s in np.linspace(0, num_train - 1, steps)]
     else:
         raise ValueError(f"unknown timestep spacing {spacing!r}: use uniform, quad or linspace")
-    if len(set(seq)) != len(seq):
-        raise ValueError(f"{spacing} spacing with {steps} of {num_train} steps repeats a timestep")
+    # Note: quad spacing repeats small timesteps (100 of 1000 steps gives t = 0 four times).
+    # That is what DDIM's official code, and so Q-Diffusion's and APQ-DM's protocol, samples
+    # with; a repeated step is a no-op re-estimate of eps, and we keep it for fidelity.
     return seq[::-1]
 
 
@@ -102,8 +103,7 @@ def sample_ddim(
         a_t, a_prev = schedule.alpha_bar(t), schedule.alpha_bar(schedule.prev(i))
         x0 = (x - (1 - a_t) ** 0.5 * eps) / a_t**0.5
         if schedule.clip_sample:
-            x0 = x0.clamp(-1, 1)
-            eps = (x - a_t**0.5 * x0) / (1 - a_t) ** 0.5  # re-derive eps from the clipped x0, as diffusers does
+            x0 = x0.clamp(-1, 1)  # eps is not re-derived from the clipped x0 (diffusers' default)
         sigma = eta * ((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)) ** 0.5
         x = a_prev**0.5 * x0 + max(1 - a_prev - sigma**2, 0.0) ** 0.5 * eps
         if sigma > 0:
@@ -138,6 +138,7 @@ def sample_ddpm(
 
 
 SAMPLERS = {"ddim": sample_ddim, "ddpm": sample_ddpm}
+import harness.sampler_plms  # noqa: E402,F401  (registers SAMPLERS["plms"]; after SAMPLERS, so no import cycle)
 
 
 def to_uint8(x: torch.Tensor) -> np.ndarray:

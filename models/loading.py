@@ -4,7 +4,10 @@
   cache when offline (``HF_HUB_OFFLINE=1`` or no network), else downloaded;
 * ``local`` / ``--model-path``: any diffusers pipeline directory (``save_pretrained`` layout);
 * ``embedded``: the project's own trained assets under ``models/assets/``;
-* ``random``: a random-init UNet built from a real config (seeded), labelled as such.
+* ``random``: a random-init UNet built from a real config (seeded), labelled as such;
+* ``miniature``, latent (VQ/KL autoencoder) and text-conditioned pipelines, and local
+  directories holding an autoencoder or text encoder: delegated to :mod:`models.latent`
+  (FP decoder, text ``cond_fn``, CFG null class).
 
 Class-conditional UNets (``num_class_embeds``) are detected from the config.
 """
@@ -72,6 +75,10 @@ def _from_pipeline(location: str, spec: ModelSpec) -> tuple[torch.nn.Module, obj
 
 
 def load_model(spec: ModelSpec, model_path: str | None = None, device: str | torch.device = "cpu") -> LoadedModel:
+    from models import latent  # lazy: models.latent imports this module
+
+    if latent.needs_latent_loader(spec, model_path):
+        return latent.load_latent_model(spec, model_path, device)
     if spec.source == "random":
         torch.manual_seed(0)  # the miniature is the same network in every process
         unet = UNet2DModel(**spec.random_config)

@@ -51,6 +51,20 @@ TINY_RANDOM_UNET = dict(
     attention_head_dim=None,
 )
 
+# The embedded tiny-cifar10 DDPM: 1.53 M parameters (the embedded-benchmark issue's planning figure).
+TINY_UNET_CONFIG = dict(
+    sample_size=32,
+    in_channels=3,
+    out_channels=3,
+    block_out_channels=(32, 64, 64, 64),
+    layers_per_block=1,
+    down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
+    norm_num_groups=16,
+    attention_head_dim=None,
+    dropout=0.0,
+)
+
 ZOO: dict[str, ModelSpec] = {}
 
 
@@ -67,6 +81,11 @@ register_model(ModelSpec(
     "tiny-random", "random", steps=10, spacing="uniform", resolution=32, num_samples=64,
     description="RANDOM-INIT miniature UNet2DModel (ddpm-cifar10-32 block types); for tests only",
     random_init=True, random_config=TINY_RANDOM_UNET,
+))
+register_model(ModelSpec(
+    "tiny-cifar10-random", "random", steps=100, spacing="quad",
+    description="RANDOM-INIT tiny-cifar10 architecture: the untrained baseline its FP scores are compared with",
+    random_init=True, random_config=TINY_UNET_CONFIG,
 ))
 register_model(ModelSpec(
     "ddpm-cifar10", "hub", "google/ddpm-cifar10-32", steps=100, eta=0.0, spacing="quad",
@@ -92,3 +111,4 @@ def local_model(path: str | Path) -> ModelSpec:
 
 def with_protocol(spec: ModelSpec, **overrides) -> ModelSpec:
     return replace(spec, **overrides)
+from models import zoo as _zoo  # noqa: E402,F401  (registers the paper zoo; must stay last)

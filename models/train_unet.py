@@ -24,20 +24,8 @@ from diffusers import DDPMScheduler, UNet2DModel
 from tqdm import tqdm
 
 from models.cifar10 import load_cifar10
+from models.registry import TINY_UNET_CONFIG
 
-# A 1.53 M-parameter UNet: the planning figure of the embedded-benchmark issue.
-TINY_UNET_CONFIG = dict(
-    sample_size=32,
-    in_channels=3,
-    out_channels=3,
-    block_out_channels=(32, 64, 64, 64),
-    layers_per_block=1,
-    down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
-    up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
-    norm_num_groups=16,
-    attention_head_dim=None,
-    dropout=0.0,
-)
 # The scheduler of google/ddpm-cifar10-32 (metrics-reference Sec. 8).
 DDPM_CIFAR10_SCHEDULER = dict(
     num_train_timesteps=1000,

@@ -34,6 +34,21 @@ def fake_quant(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, q
     return (torch.clamp(round_ste(x / scale) + zero_point, qmin, qmax) - zero_point) * scale
 
 
+def fused_fake_quant(
+    x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int, channel_axis: int | None
+) -> torch.Tensor:
+    """Same values as :func:`fake_quant` via ``torch.fake_quantize_per_{tensor,channel}_affine``."""
+    dtype = x.dtype
+    x = x.float()
+    zp = zero_point.to(torch.int32)
+    if channel_axis is None or scale.numel() == 1:
+        out = torch.fake_quantize_per_tensor_affine(x, scale.float().reshape(()), zp.reshape(()), qmin, qmax)
+    else:
+        out = torch.fake_quantize_per_channel_affine(x, scale.float().flatten(), zp.flatten(),
+                                                     channel_axis % x.dim(), qmin, qmax)
+    return out.to(dtype)
+
+
 def qrange(bits: int, symmetric: bool) -> tuple[int, int]:
     if symmetric:
         return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
@@ -161,5 +176,9 @@ class UniformQuantizer(nn.Module):
         if not self.active:
             return x
         qmin, qmax = self.qmin_qmax
-        scale = self.scale.abs().clamp_min(1e-8) if self.learnable else self.scale
-        return fake_quant(x, scale, self.zero_point, qmin, qmax)
+        if torch.is_grad_enabled() and (x.requires_grad or self.learnable):
+            # Calibration: the differentiable path (STE rounding; LSQ gradient for a learnable step).
+            scale = self.scale.abs().clamp_min(1e-8) if self.learnable else self.scale
+            return fake_quant(x, scale, self.zero_point, qmin, qmax)
+        # Inference: PyTorch's fused quantize-dequantize kernel, one pass over the tensor.
+        return fused_fake_quant(x, self.scale.detach(), self.zero_point, qmin, qmax, self.channel_axis)

@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# The project's one test command (README): install, start test services, run the suite,
+# then the embedded smoke benchmark and the regression gate against the committed baseline.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-2}"
+
+python -m pip install -q -e ".[test]"
+
+# Optional services for the Slurm and Chromium tests (skipped with a reason when absent).
+if [ -x .ci/run.d/slurm.sh ]; then bash .ci/run.d/slurm.sh || echo "slurm setup failed: its test will skip"; fi
+stop_services() { if [ -x .ci/run.d/slurm-stop.sh ]; then bash .ci/run.d/slurm-stop.sh || true; fi; }
+trap stop_services EXIT
+
+ruff check .
+python -m pytest -q -rs
+
+# The embedded benchmark under the smoke protocol, gated by the committed baseline.
+out="${DMQ_CI_OUT:-$(mktemp -d)/smoke}"
+bench run --out "$out"
+bench regress --out "$out" --baseline results/baselines/smoke.json

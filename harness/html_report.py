@@ -1,0 +1,229 @@
+"""``bench leaderboard --html``: one self-contained HTML page (readable offline).
+
+Per (model, protocol): a table per metric (methods x bit-widths, the FP reference row,
+mean ± std over seeds, delta to FP), plots of each metric against bit-width per method
+(matplotlib, embedded PNG), and the sample grid of every run (``samples_grid.png``,
+embedded). Nothing is fetched: styles, images and the small render check are inline.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+from pathlib import Path
+
+import pandas as pd
+
+from harness.leaderboard import LOWER_IS_BETTER_PREFIXES, PRIMARY, _bits_order, _metric_order, load_runs, summarise
+
+PLOT_METRICS = 6  # per (model, protocol): the first N metrics in leaderboard order
+
+CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:24px;color:#1b1f24;background:#fff}
+h1{font-size:26px}h2{border-bottom:2px solid #d0d7de;padding-bottom:4px;margin-top:36px}
+h3{font-size:16px;margin:18px 0 6px}
+table{border-collapse:collapse;margin:6px 0 16px;font-size:14px}
+th,td{border:1px solid #d0d7de;padding:4px 10px;text-align:right}
+th{background:#f6f8fa}td.method,th.method{text-align:left;font-weight:600}
+tr.fp td{background:#eef6ff}
+.delta{color:#57606a;font-size:12px;margin-left:4px}.worse{color:#cf222e}.better{color:#1a7f37}
+.grid{display:flex;flex-wrap:wrap;gap:14px}.grid figure{margin:0;text-align:center;font-size:13px}
+.grid img{image-rendering:pixelated;border:1px solid #d0d7de;width:264px}
+img.plot{max-width:100%;border:1px solid #eee}
+.note{color:#57606a;font-size:13px}
+"""
+
+# Runs in Chromium: records what rendered, for the headless test (and harmless elsewhere).
+CHECK_JS = """
+window.addEventListener('load', function () {
+  var imgs = Array.prototype.slice.call(document.images);
+  var ok = imgs.filter(function (i) { return i.complete && i.naturalWidth > 0; }).length;
+  var el = document.getElementById('render-check');
+  el.setAttribute('data-images', String(imgs.length));
+  el.setAttribute('data-images-ok', String(ok));
+  el.setAttribute('data-tables', String(document.querySelectorAll('table.lb').length));
+  el.setAttribute('data-done', '1');
+});
+"""
+
+
+def _b64_png(data: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(data).decode()
+
+
+def _lower_is_better(metric: str) -> bool:
+    return metric.startswith(LOWER_IS_BETTER_PREFIXES)
+
+
+def _bits_key(b: str) -> tuple:
+    if b == "fp":
+        return (99, 99)
+    try:
+        w, a = b[1:].split("a")
+        return (int(w), int(a))
+    except ValueError:
+        return (0, 0)
+
+
+INF = 1e300  # MLflow stores inf (e.g. PSNR of FP against itself) as the largest float
+
+
+def _fmt(mean: float, std: float, n: int) -> str:
+    if abs(mean) > INF:
+        return "∞" if mean > 0 else "-∞"
+    if n > 1 and pd.notna(std):
+        return f"{mean:.4g} ± {std:.2g}"
+    return f"{mean:.4g}"
+
+
+def metric_table(part: pd.DataFrame, metric: str) -> str:
+    """One metric of one (model, protocol): rows methods (FP first), columns bit-widths."""
+    m = part[part["metric"] == metric]
+    bits = _bits_order(sorted(m["bits"].unique().tolist()))
+    methods = sorted(m["method"].unique().tolist())
+    methods = (["fp"] if "fp" in methods else []) + [x for x in methods if x != "fp"]
+    fp = m[(m["method"] == "fp")]
+    fp_mean = float(fp["mean"].iloc[0]) if len(fp) else None
+    lower = _lower_is_better(metric)
+    rows = ["<table class='lb' data-metric='%s'><thead><tr><th class='method'>method</th>%s</tr></thead><tbody>"
+            % (html.escape(metric), "".join(f"<th>{html.escape(b)}</th>" for b in bits))]
+    for method in methods:
+        cells = []
+        for b in bits:
+            c = m[(m["method"] == method) & (m["bits"] == b)]
+            if c.empty:
+                cells.append("<td></td>")
+                continue
+            r = c.iloc[0]
+            text = html.escape(_fmt(r["mean"], r["std"], int(r["n"])))
+            if fp_mean is not None and method != "fp" and abs(fp_mean) < INF and abs(float(r["mean"])) < INF:
+                d = float(r["mean"]) - fp_mean
+                worse = (d > 0) if lower else (d < 0)
+                cls = "worse" if (worse and d != 0) else ("better" if d != 0 else "")
+                text += f"<span class='delta {cls}'>(Δ FP {d:+.3g})</span>"
+            cells.append(f"<td>{text}</td>")
+        cls = " class='fp'" if method == "fp" else ""
+        rows.append(f"<tr{cls}><td class='method'>{html.escape(method)}</td>{''.join(cells)}</tr>")
+    rows.append("</tbody></table>")
+    return "".join(rows)
+
+
+def metric_plots(part: pd.DataFrame, metrics: list[str], title: str) -> bytes:
+    """Each metric against bit-width, one line per method (FP dashed); a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = len(metrics)
+    cols = min(3, n)
+    rows = -(-n // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.2 * rows), squeeze=False)
+    for ax, metric in zip(axes.flat, metrics):
+        m = part[part["metric"] == metric]
+        qbits = sorted((b for b in m["bits"].unique() if b != "fp"), key=_bits_key)
+        x = {b: i for i, b in enumerate(qbits)}
+        for method in sorted(m["method"].unique()):
+            if method == "fp":
+                continue
+            mm = m[m["method"] == method].copy()
+            mm = mm[mm["bits"].isin(x)].sort_values("bits", key=lambda s: s.map(x))
+            if mm.empty:
+                continue
+            ax.errorbar([x[b] for b in mm["bits"]], mm["mean"], yerr=mm["std"].fillna(0), marker="o", capsize=3,
+                        label=method)
+        fp = m[m["method"] == "fp"]
+        if len(fp) and abs(float(fp["mean"].iloc[0])) < INF:
+            ax.axhline(float(fp["mean"].iloc[0]), color="k", ls="--", lw=1, label="fp")
+        ax.set_xticks(range(len(qbits)), qbits)
+        ax.set_xlabel("bit-width")
+        ax.set_title(f"{metric} ({'↓' if _lower_is_better(metric) else '↑'})", fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    for ax in list(axes.flat)[n:]:
+        ax.axis("off")
+    fig.suptitle(title)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def sample_grids(out: Path) -> dict[tuple[str, str], list[tuple[str, Path]]]:
+    """{(model, protocol): [(label, samples_grid.png)]} of complete runs under OUT/runs (newest per label)."""
+    found: dict[tuple[str, str], dict[str, tuple[float, Path]]] = {}
+    for res_path in sorted(Path(out).glob("runs/*/*/results.json")):
+        grid = res_path.parent / "samples_grid.png"
+        try:
+            res = json.loads(res_path.read_text())
+        except json.JSONDecodeError:
+            continue
+        if res.get("status") != "complete" or not grid.is_file():
+            continue
+        s = res["spec"]
+        label = f"{s['method']} {s['bits']} seed {s['seed']}" + (f" ({s['scope']})" if s["scope"] != "uniform" else "")
+        slot = found.setdefault((s["model"], s["protocol"]), {})
+        mtime = res_path.stat().st_mtime
+        if label not in slot or mtime > slot[label][0]:
+            slot[label] = (mtime, grid)
+
+    def order(item):
+        label = item[0]
+        method, bits = label.split()[:2]
+        return (method != "fp", method, -_bits_key(bits)[0], -_bits_key(bits)[1], label)
+
+    return {k: [(lab, p) for lab, (_, p) in sorted(v.items(), key=order)] for k, v in found.items()}
+
+
+def render(summary: pd.DataFrame, grids: dict[tuple[str, str], list[tuple[str, Path]]], note: str = "") -> str:
+    parts = ["<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>",
+             "<title>dmqbench leaderboard</title>", f"<style>{CSS}</style></head><body>",
+             "<h1>dmqbench leaderboard</h1>",
+             "<p class='note'>Cells: mean over seeds (± std when a spec ran with several seeds); "
+             "Δ FP: difference to the full-precision reference of the same model and protocol "
+             "(red: worse, green: better). Metrics keyed <code>metric/network</code>: "
+             "<code>fid/cifarnet</code> is not comparable with a published Inception FID.</p>"]
+    if note:
+        parts.append(f"<p class='note'>{html.escape(note)}</p>")
+    toc = []
+    for (model, protocol), part in summary.groupby(["model", "protocol"]):
+        anchor = html.escape(f"{model}-{protocol}")
+        toc.append(f"<li><a href='#{anchor}'>{html.escape(model)} — {html.escape(protocol)}</a></li>")
+        parts.append(f"<h2 id='{anchor}'>{html.escape(model)} — protocol <code>{html.escape(protocol)}</code></h2>")
+        metrics = _metric_order(part["metric"].unique().tolist())
+        plot_metrics = [m for m in metrics if m in PRIMARY or not m.startswith("time/")][:PLOT_METRICS]
+        if plot_metrics and (part["bits"] != "fp").any():
+            png = metric_plots(part, plot_metrics, f"{model} / {protocol}")
+            parts.append(f"<h3>Metrics against bit-width</h3><img class='plot' alt='plots {anchor}' "
+                         f"src='{_b64_png(png)}'>")
+        for metric in metrics:
+            arrow = "lower is better" if _lower_is_better(metric) else "higher is better"
+            parts.append(f"<h3><code>{html.escape(metric)}</code> <span class='note'>({arrow})</span></h3>")
+            parts.append(metric_table(part, metric))
+        runs = grids.get((model, protocol), [])
+        if runs:
+            parts.append("<h3>Samples (first 64 images of each run)</h3><div class='grid'>")
+            for label, path in runs:
+                parts.append(f"<figure><img alt='samples {html.escape(label)}' "
+                             f"src='{_b64_png(path.read_bytes())}'><figcaption>{html.escape(label)}</figcaption>"
+                             "</figure>")
+            parts.append("</div>")
+    parts.insert(5, "<ul>" + "".join(toc) + "</ul>")
+    parts.append("<div id='render-check' data-done='0'></div>")
+    parts.append(f"<script>{CHECK_JS}</script></body></html>")
+    return "\n".join(parts)
+
+
+def write_html(tracking_uri: str, out: Path, dest: Path, note: str = "") -> Path:
+    """Write ``dest/leaderboard.html`` from the MLflow store (tables) and OUT/runs (sample grids)."""
+    summary = summarise(load_runs(tracking_uri))
+    if summary.empty:
+        raise ValueError(f"no completed runs in {tracking_uri}: run `bench run --out DIR` first")
+    page = render(summary, sample_grids(Path(out)), note)
+    dest.mkdir(parents=True, exist_ok=True)
+    path = dest / "leaderboard.html"
+    path.write_text(page, encoding="utf-8")
+    return path

@@ -1,0 +1,292 @@
+"""``adpdm``: ADP-DM / APQ-DM, the variant of the *official code* (``ChangyuanWang17/APQ-DM``).
+
+Wang et al., "Towards Accurate Post-training Quantization for Diffusion Models", CVPR 2024
+(arXiv 2305.18723; v1 "... Data-free Quantization ..." = ADP-DM). The paper and the code
+differ (``docs/methods-reference.md`` Sec. 1.3); this row is the code, and each point below
+says which source it follows:
+
+* **Activation groups** (paper: timesteps' quantization functions grouped by importance
+  weights found by differentiable search; code: the concrete form). Per quantized layer and
+  sampler step, ``G = 8`` candidate clipping ranges from binned per-channel statistics and
+  softmax importance logits per (step, group, channel); the calibration output is the
+  importance-weighted sum of the ``G`` fake-quantized inputs
+  (:class:`methods.quant.group_search.GroupMixtureQuantizer`). Asymmetric, ``2^b`` levels.
+* **Loss** (code): the quantized model's own noise-prediction error on re-noised states,
+  ``|| eps_q(sqrt(a_t) x_c + sqrt(1 - a_t) e, t) - e ||^2`` (summed over pixels, averaged over
+  the batch, as ``noise_estimation_loss``), plus ``entropy_weight`` (1.0) x the group-weight
+  entropy / G^2 summed over layers. Only the logits are trained: AdamW, lr 0.05, weight decay
+  0.05, a fresh optimizer per round, one step per sampler step per round. *Deviation*: the
+  official loop feeds each step the quantized model's own DDIM chain started from the
+  calibration state; we re-noise the FP calibration state ``x_c`` itself at every step (same
+  loss form, no dependence on a drifting quantized chain). ``alphas_cumprod`` comes from the
+  calibration source.
+* **Candidate ranges** (code): recomputed from each round's batch at each step (the last
+  round's batch wins, as in the code), per-channel min/max widened to at least the floor
+  range [-4, 6] x f, where f is chosen in the first round among 1.0, 0.9, ..., 0.2 by the
+  least L_0.5 error (kept only if below 0.2, "as in LAPQ").
+* **Calibration timestep selection** (paper: structural risk minimisation, entropy and
+  sampling counts plus an MMD term; code: no MMD). Each round the FP model generates a fresh
+  batch (``calib.generate``), and the step with the highest summed group-weight entropy minus
+  2 x times already picked is chosen among step indices >= 30 % of the schedule (30 of 100 in
+  the code, scaled); its FP trajectory state is the round's calibration batch.
+* **Inference** (code): per step, the importance-weighted average of the ``G`` ranges (soft,
+  no argmax), exported into a :class:`methods.quant.step_table.StepTableQuantizer`: one fixed
+  parameter set per step, a table lookup through the timestep context. The *timestep
+  partition* reported (plot + JSON) is the dominant group per step per layer.
+* **Per-step state and other step counts**: tables are tied to the calibration schedule;
+  sampling with a different step count maps each call to the nearest calibrated timestep.
+* **Weights** (code: per-output-channel min-max round-to-nearest with step max/(2^(b-1)-1),
+  clamped to [min, max]). We use per-channel symmetric min-max RTN (step max|w|/(2^(b-1)-1)):
+  identical when |min| <= max, and it never exceeds 2^b levels when |min| > max (the
+  official clamp then silently uses more). ``weight_recon=True`` asks for AdaRound/BRECQ
+  weights from ``methods.quant.recon`` (not wired yet: raises NotImplementedError).
+* **Granularity**: ``per-channel`` activation ranges, as released (simulation only: a
+  per-input-channel scale cannot be folded into an integer matmul), or ``per-tensor``
+  (deployable). Reported in the config and in the facts.
+* **Scope**: ``paper_scope`` is the code's (ResnetBlock conv1/conv2 only, everything else FP);
+  under the harness's ``uniform`` scope every conv/linear gets the timestep-aware quantizer.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from methods.base import BitConfig, CalibrationSource, MethodConfig, QuantMethod, QuantResult
+from methods.quant.group_search import (
+    GroupMixtureQuantizer,
+    SRMSelector,
+    entropy_regulariser,
+    sum_step_entropies,
+)
+from methods.quant.layers import QuantLayer
+from methods.quant.step_table import StepTableQuantizer, channel_axis_of, in_channels_of
+from methods.quant.surgery import UNIFORM, Scope, freeze_all, quant_layers, quantize_modules
+from methods.quant.timestep import timestep_context
+from methods.registry import register_method
+from models.denoiser import Denoiser
+
+GRANULARITIES = ("per-channel", "per-tensor")
+
+
+@dataclass
+class ADPDMConfig(MethodConfig):
+    """ADP-DM hyperparameters. ``paper``: the official code's values. ``fast`` (CPU smoke) changes:
+
+    * ``calib_images`` 1024 -> 32 and ``batch_size`` 16 -> 8: 4 rounds instead of 64
+      (each round = one FP generation of the batch + one fwd/bwd per sampler step);
+    * nothing else: groups, lr, weight decay, entropy weight, selector rule and range init
+      are the official ones. Fewer rounds means fewer AdamW steps per step's logits (4 vs 64),
+      so the group weights stay closer to uniform (the inference range is then close to the
+      mean of the ``G`` candidate ranges).
+    """
+
+    granularity: str = "per-channel"  # "per-channel" (as released, simulation-only) | "per-tensor"
+    groups: int = 8
+    calib_images: int = 1024
+    batch_size: int = 16  # rounds = calib_images // batch_size
+    lr: float = 0.05
+    weight_decay: float = 0.05
+    entropy_weight: float = 1.0
+    logit_init: float = 0.01
+    repeat_penalty: float = 2.0
+    min_step_fraction: float = 0.3  # steps >= 30 of 100
+    floor_lo: float = -4.0  # official initial activation range [-4, 6]; None-like: set floor=False
+    floor_hi: float = 6.0
+    floor: bool = True
+    weight_recon: bool = False  # AdaRound/BRECQ weights via methods.quant.recon (not wired yet)
+    seed: int = 0
+
+    @classmethod
+    def from_preset(cls, preset: str) -> ADPDMConfig:
+        super().from_preset(preset)
+        if preset == "fast":
+            return cls(preset=preset, calib_images=32, batch_size=8)
+        return cls(preset=preset)
+
+    def __post_init__(self) -> None:
+        if self.granularity not in GRANULARITIES:
+            raise ValueError(f"granularity must be one of {GRANULARITIES}, got {self.granularity!r}")
+
+    @property
+    def rounds(self) -> int:
+        return max(1, self.calib_images // self.batch_size)
+
+
+def _skeleton_factory(granularity: str, w_bits_sym: bool = True):
+    def factory(name, module, wb, ab):
+        layer = QuantLayer(module, wb, ab, w_symmetric=w_bits_sym, a_symmetric=False)
+        if layer.quant_act:
+            axis = channel_axis_of(module) if granularity == "per-channel" else None
+            layer.act_quantizer = StepTableQuantizer(ab, False, axis)
+        return layer
+
+    return factory
+
+
+@register_method("adpdm")
+class ADPDM(QuantMethod):
+    config_cls = ADPDMConfig
+
+    def paper_scope(self) -> Scope:
+        """Official code: only ResnetBlock conv1/conv2 are QConv2d; all else (incl. first/last) FP."""
+        return Scope(
+            name="paper",
+            include=("*resnets.*.conv1", "*resnets.*.conv2"),
+            first_last_bits=16,
+            attention_matmuls=False,
+        )
+
+    @staticmethod
+    def skeleton(unet: torch.nn.Module, bits: BitConfig, scope: Scope = UNIFORM, granularity: str = "per-channel"):
+        """An empty inference structure for ``load_state_dict`` of a calibrated model (then ``freeze_all``)."""
+        return quantize_modules(unet, scope, bits.w, bits.a, _skeleton_factory(granularity))
+
+    def quantize(
+        self, denoiser: Denoiser, calib: CalibrationSource, bits: BitConfig, scope: Scope, artifact_dir: Path
+    ) -> QuantResult:
+        cfg: ADPDMConfig = self.config
+        if cfg.weight_recon:
+            try:
+                import methods.quant.recon  # noqa: F401
+            except ImportError as e:
+                raise NotImplementedError(
+                    "adpdm weight_recon=True needs methods.quant.recon (BRECQ/AdaRound), which is not "
+                    "available in this checkout; use weight_recon=False (official: min-max RTN weights)"
+                ) from e
+            raise NotImplementedError("adpdm weight_recon=True: AdaRound weights are not wired into ADP-DM yet")
+        start = time.perf_counter()
+        timesteps = list(calib.timesteps)
+        num_steps = len(timesteps)
+        floor = (cfg.floor_lo, cfg.floor_hi) if cfg.floor else None
+        per_channel = cfg.granularity == "per-channel"
+
+        def factory(name, module, wb, ab):
+            layer = QuantLayer(module, wb, ab, w_symmetric=True, a_symmetric=False)
+            if layer.quant_act:
+                layer.act_quantizer = GroupMixtureQuantizer(
+                    ab, num_steps, cfg.groups, in_channels_of(module), channel_axis_of(module),
+                    per_channel, floor, cfg.logit_init,
+                )
+            return layer
+
+        unet = denoiser.unet
+        summary = quantize_modules(unet, scope, bits.w, bits.a, factory)
+        layers = quant_layers(unet)
+        for layer in layers.values():
+            layer.init_weight_range("minmax")
+        freeze_all(unet)  # weights are fixed during the search: cache them
+        mixers = {n: ly.act_quantizer for n, ly in layers.items() if isinstance(ly.act_quantizer, GroupMixtureQuantizer)}
+        for p in unet.parameters():
+            p.requires_grad_(False)
+        logits = [q.logits for q in mixers.values()]
+        for p in logits:
+            p.requires_grad_(True)
+
+        selector = SRMSelector(num_steps, cfg.min_step_fraction, cfg.repeat_penalty)
+        gen = torch.Generator().manual_seed(cfg.seed)
+        device = calib.device
+        abar = calib.alphas_cumprod.float()
+        losses: list[float] = []
+        was_training = unet.training
+        unet.eval()
+        for r in range(cfg.rounds):
+            traj = calib.generate(cfg.batch_size, r)
+            step = selector.select(sum_step_entropies(list(mixers.values()), num_steps))
+            x_c = traj.x[:, step].float()
+            cond = traj.cond.to(device) if traj.cond is not None else None
+            for q in mixers.values():
+                q.calibrating, q.search_floor = True, (r == 0)
+            opt = torch.optim.AdamW(logits, lr=cfg.lr, weight_decay=cfg.weight_decay) if logits else None
+            round_loss = 0.0
+            for i, t in enumerate(timesteps):
+                a = float(abar[t])
+                e = torch.randn(x_c.shape, generator=gen)
+                x_in = (math.sqrt(a) * x_c + math.sqrt(1 - a) * e).to(device)
+                t_vec = torch.full((x_in.shape[0],), t, dtype=torch.long, device=device)
+                with timestep_context(i, t, num_steps):
+                    eps = denoiser(x_in, t_vec, cond).float()
+                loss = (eps - e.to(device)).square().sum(dim=tuple(range(1, eps.dim()))).mean()
+                if opt is None:
+                    continue
+                loss = loss + cfg.entropy_weight * entropy_regulariser(list(mixers.values()), i)
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                round_loss += float(loss.detach())
+            losses.append(round_loss / num_steps)
+        for q in mixers.values():
+            q.calibrating = q.search_floor = False
+        unet.train(was_training)
+
+        # ---- export: one fixed parameter set per step ----------------------------------
+        partition: dict[str, list[int]] = {}
+        weights: dict[str, torch.Tensor] = {}
+        for name, q in mixers.items():
+            partition[name] = q.dominant_groups()
+            weights[name] = q.weights().mean(-1).detach().cpu()  # [S, G]
+            layers[name].act_quantizer = q.export(timesteps)
+        for p in unet.parameters():
+            p.requires_grad_(False)
+        freeze_all(unet)
+        calib_seconds = time.perf_counter() - start
+
+        artifacts = write_artifacts(Path(artifact_dir), weights, partition, timesteps, selector.history)
+        distinct = [len(set(v)) for v in partition.values()]
+        facts = {
+            "calib_seconds": calib_seconds,
+            "layers_quantized": summary.num_quantized,
+            "coverage": summary.to_dict(),
+            "granularity": cfg.granularity,
+            "rounds": cfg.rounds,
+            "calib_steps_picked": selector.history,
+            "groups_per_layer_mean": sum(distinct) / max(1, len(distinct)),
+            "round_loss": losses,
+        }
+        return QuantResult(denoiser, facts, artifacts)
+
+
+def write_artifacts(
+    artifact_dir: Path, weights: dict[str, torch.Tensor], partition: dict[str, list[int]],
+    timesteps: list[int], picked: list[int],
+) -> dict[str, Path]:
+    """``adpdm_groups.png`` (group weight per step per layer) and ``adpdm_partition.json``."""
+    artifact_dir.mkdir(parents=True, exist_ok=True)
+    out: dict[str, Path] = {}
+    part_path = artifact_dir / "adpdm_partition.json"
+    part_path.write_text(json.dumps({"timesteps": timesteps, "picked_steps": picked, "dominant_group": partition},
+                                    indent=1))
+    out["adpdm_partition"] = part_path
+    if not weights:
+        return out
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(weights)
+    cols = min(6, len(names))
+    rows = math.ceil(len(names) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.0 * cols, 2.2 * rows), squeeze=False)
+    im = None
+    for ax, name in zip(axes.flat, names):
+        im = ax.imshow(weights[name].T.numpy(), aspect="auto", vmin=0.0, vmax=1.0, cmap="viridis", origin="lower")
+        ax.plot(range(len(partition[name])), partition[name], "w.", markersize=3)
+        ax.set_title(name.replace("down_blocks", "d").replace("up_blocks", "u").replace("resnets", "r"), fontsize=6)
+        ax.tick_params(labelsize=5)
+    for ax in list(axes.flat)[len(names):]:
+        ax.axis("off")
+    fig.supxlabel("sampler step (0 = noisiest); dots: dominant group")
+    fig.supylabel("group")
+    if im is not None:
+        fig.colorbar(im, ax=axes, shrink=0.6, label="importance weight (channel mean)")
+    path = artifact_dir / "adpdm_groups.png"
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    out["adpdm_groups"] = path
+    return out

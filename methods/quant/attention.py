@@ -1,0 +1,183 @@
+"""Quantized attention matmuls (Q-Diffusion's ``QuantQKMatMul`` / ``QuantSMVMatMul``) as a diffusers processor.
+
+:class:`QuantAttnProcessor` computes the same attention as diffusers' ``AttnProcessor``
+but fake-quantizes the inputs of both matmuls: ``q`` and ``k`` before ``Q K^T``, the
+softmax probabilities and ``v`` before ``softmax · V``. Each input has its own per-tensor
+:class:`~methods.quant.quantizer.UniformQuantizer` (activation bits; the softmax bits
+are separate, 16 keeps the probabilities in full precision as Q-Diffusion does for
+Stable Diffusion with ``--sm_abit 16``). The processor is an ``nn.Module`` set with
+``attn.set_processor``, so its quantizers live in the model's state dict and move with
+``.to(device)``; it holds all per-call state itself (no patched forwards).
+
+Range initialisation: :class:`AttentionRangeObserver` switches the matmul quantizers
+off, records what they would see during a calibration pass (min/max, and a random
+subsample for the L_p search) and fits the ranges on exit; it can share one pass with
+:func:`methods.quant.calibrate.init_activation_ranges`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from methods.quant.calibrate import Batch, call_at_step, iterate_by_step
+from methods.quant.quantizer import OFF_BITS, UniformQuantizer
+from models.denoiser import Denoiser
+
+MATMUL_INPUTS = ("q", "k", "probs", "v")
+
+
+class QuantAttnProcessor(nn.Module):
+    """Attention with fake-quantized matmul inputs; ranges per tensor, asymmetric by default."""
+
+    def __init__(self, a_bits: int = 8, softmax_bits: int = 8, symmetric: bool = False) -> None:
+        super().__init__()
+        self.q_quantizer = UniformQuantizer(a_bits, symmetric, None)
+        self.k_quantizer = UniformQuantizer(a_bits, symmetric, None)
+        self.v_quantizer = UniformQuantizer(a_bits, symmetric, None)
+        self.probs_quantizer = UniformQuantizer(softmax_bits, False, None)  # probabilities are in [0, 1]
+        self.observer = None  # callable(name, tensor) during range calibration
+
+    def quantizers(self) -> dict[str, UniformQuantizer]:
+        return {"q": self.q_quantizer, "k": self.k_quantizer, "probs": self.probs_quantizer, "v": self.v_quantizer}
+
+    def _quant(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        if self.observer is not None:
+            self.observer(name, x)
+        return self.quantizers()[name](x)
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
+                 *args, **kwargs) -> torch.Tensor:
+        return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
+
+    def forward(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None):
+        residual = hidden_states
+        if attn.spatial_norm is not None:
+            hidden_states = attn.spatial_norm(hidden_states, temb)
+        input_ndim = hidden_states.ndim
+        if input_ndim == 4:
+            batch_size, channel, height, width = hidden_states.shape
+            hidden_states = hidden_states.view(batch_size, channel, height * width).transpose(1, 2)
+        batch_size, sequence_length, _ = (
+            hidden_states.shape if encoder_hidden_states is None else encoder_hidden_states.shape
+        )
+        attention_mask = attn.prepare_attention_mask(attention_mask, sequence_length, batch_size)
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+        query = attn.to_q(hidden_states)
+        if encoder_hidden_states is None:
+            encoder_hidden_states = hidden_states
+        elif attn.norm_cross:
+            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
+        key = attn.to_k(encoder_hidden_states)
+        value = attn.to_v(encoder_hidden_states)
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+
+        query = self._quant("q", attn.head_to_batch_dim(query))
+        key = self._quant("k", attn.head_to_batch_dim(key))
+        value = self._quant("v", attn.head_to_batch_dim(value))
+        probs = self._quant("probs", attn.get_attention_scores(query, key, attention_mask))
+        hidden_states = attn.batch_to_head_dim(torch.bmm(probs, value))
+
+        hidden_states = attn.to_out[0](hidden_states)
+        hidden_states = attn.to_out[1](hidden_states)
+        if input_ndim == 4:
+            hidden_states = hidden_states.transpose(-1, -2).reshape(batch_size, channel, height, width)
+        if attn.residual_connection:
+            hidden_states = hidden_states + residual
+        return hidden_states / attn.rescale_output_factor
+
+    def extra_repr(self) -> str:
+        return f"qk=a{self.q_quantizer.bits}, smv=a{self.probs_quantizer.bits}/a{self.v_quantizer.bits}"
+
+
+def _attention_modules(unet: nn.Module) -> dict[str, nn.Module]:
+    from diffusers.models.attention_processor import Attention
+
+    return {n: m for n, m in unet.named_modules() if isinstance(m, Attention)}
+
+
+def quantize_attention(unet: nn.Module, a_bits: int, softmax_bits: int | None = None, symmetric: bool = False) -> int:
+    """Give every diffusers ``Attention`` of ``unet`` a :class:`QuantAttnProcessor`; return how many."""
+    if a_bits >= OFF_BITS:
+        return 0
+    softmax_bits = a_bits if softmax_bits is None else softmax_bits
+    count = 0
+    for attn in _attention_modules(unet).values():
+        attn.set_processor(QuantAttnProcessor(a_bits, softmax_bits, symmetric))
+        count += 1
+    return count
+
+
+def attention_processors(unet: nn.Module) -> dict[str, QuantAttnProcessor]:
+    """``{attention module name: processor}`` for every quantized attention."""
+    return {n: m.processor for n, m in _attention_modules(unet).items() if isinstance(m.processor, QuantAttnProcessor)}
+
+
+def attention_summary(unet: nn.Module) -> dict[str, str]:
+    """Coverage entries (``QuantSummary.extra``): ``name.qk`` / ``name.smv`` -> bits."""
+    out = {}
+    for name, p in attention_processors(unet).items():
+        out[f"{name}.qk"] = f"a{p.q_quantizer.bits}"
+        out[f"{name}.smv"] = f"a{p.probs_quantizer.bits}(softmax)/a{p.v_quantizer.bits}(v)"
+    return out
+
+
+class AttentionRangeObserver:
+    """Context manager: record matmul inputs during a calibration pass, fit the ranges on exit."""
+
+    def __init__(self, unet: nn.Module, method: str = "minmax", p: float = 2.4, max_values: int = 1 << 20) -> None:
+        self.procs = attention_processors(unet)
+        self.method, self.p, self.max_values = method, p, max_values
+        self.lo: dict[str, torch.Tensor] = {}
+        self.hi: dict[str, torch.Tensor] = {}
+        self.reservoir: dict[str, list[torch.Tensor]] = {}
+        self.gen = torch.Generator().manual_seed(0)
+
+    def _observer(self, proc_name: str):
+        def observe(name: str, x: torch.Tensor) -> None:
+            key = f"{proc_name}/{name}"
+            x = x.detach().float()
+            lo, hi = x.amin(), x.amax()
+            self.lo[key] = torch.minimum(self.lo[key], lo) if key in self.lo else lo
+            self.hi[key] = torch.maximum(self.hi[key], hi) if key in self.hi else hi
+            if self.method == "mse":
+                flat = x.flatten().cpu()
+                keep = min(flat.numel(), self.max_values // 8)
+                self.reservoir.setdefault(key, []).append(flat[torch.randperm(flat.numel(), generator=self.gen)[:keep]])
+
+        return observe
+
+    def __enter__(self) -> AttentionRangeObserver:
+        for name, proc in self.procs.items():
+            proc.observer = self._observer(name)
+            for q in proc.quantizers().values():
+                q.enabled = False
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        for name, proc in self.procs.items():
+            proc.observer = None
+            for qname, q in proc.quantizers().items():
+                q.enabled = True
+                key = f"{name}/{qname}"
+                if exc_type is not None or key not in self.lo:
+                    continue
+                if self.method == "mse":
+                    q.init_range(torch.cat(self.reservoir[key])[: self.max_values], method="mse", p=self.p)
+                else:
+                    q.set_range(self.lo[key], self.hi[key])
+
+
+@torch.no_grad()
+def init_attention_ranges(
+    denoiser: Denoiser, samples: Batch, num_steps: int, method: str = "minmax", p: float = 2.4,
+    batch_size: int = 32, device: torch.device | str = "cpu",
+) -> None:
+    """Fit the matmul quantizers of every :class:`QuantAttnProcessor` on a calibration pass of its own."""
+    with AttentionRangeObserver(denoiser.unet, method, p):
+        for batch in iterate_by_step(samples, batch_size, num_steps):
+            call_at_step(denoiser, batch, num_steps, device)

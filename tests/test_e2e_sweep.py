@@ -1,0 +1,106 @@
+"""End to end through the CLI: a tiny sweep, its files, its MLflow store, resume, bad input, local models."""
+
+import json
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+import pytest
+import torch
+from click.testing import CliRunner
+from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+
+from harness.cli import main
+from models.registry import TINY_RANDOM_UNET
+
+ARGS = ["--models", "tiny-random", "--bits", "w8a8,w4a8", "--num-samples", "8", "--steps", "4"]
+
+
+def _bench(*args):
+    return CliRunner().invoke(main, list(args), catch_exceptions=False)
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory):
+    out = tmp_path_factory.mktemp("sweep")
+    result = _bench("run", "--methods", "fp,rtn", *ARGS, "--out", str(out))
+    return out, result
+
+
+def test_sweep_writes_results_and_mlflow(sweep):
+    out, result = sweep
+    assert result.exit_code == 0, result.output
+    files = sorted(out.glob("runs/tiny-random/*/results.json"))
+    assert len(files) == 3  # fp once, rtn at two bit-widths
+    for f in files:
+        res = json.loads(f.read_text())
+        assert {"spec", "config_hash", "seeds", "versions", "git_revision", "timings", "metrics", "status"} <= set(res)
+        assert res["status"] == "complete"
+        assert {"fid/cifarnet", "is/cifarnet", "sfid/cifarnet", "kid/cifarnet", "paired/mse", "paired/psnr",
+                "paired/eps_mse"} <= set(res["metrics"])
+        assert (f.parent / "samples_grid.png").exists()
+    mlflow.set_tracking_uri(f"sqlite:///{out / 'mlflow.db'}")
+    runs = mlflow.search_runs(experiment_names=["dmqbench-smoke"], filter_string="tags.kind = 'run'")
+    assert sorted(zip(runs["tags.method"], runs["tags.bits"])) == [("fp", "fp"), ("rtn", "w4a8"), ("rtn", "w8a8")]
+    assert (runs["tags.model"] == "tiny-random").all()
+    assert runs["metrics.fid/cifarnet"].notna().all()
+    fp = runs[runs["tags.method"] == "fp"].iloc[0]
+    assert fp["metrics.paired/mse"] == 0.0
+    w4 = runs[runs["tags.bits"] == "w4a8"].iloc[0]
+    w8 = runs[runs["tags.bits"] == "w8a8"].iloc[0]
+    assert w4["metrics.paired/eps_mse"] > w8["metrics.paired/eps_mse"] > 0  # fewer bits, larger error
+    parents = mlflow.search_runs(experiment_names=["dmqbench-smoke"], filter_string="tags.kind = 'sweep'")
+    assert len(parents) == 1 and (runs["tags.mlflow.parentRunId"] == parents["run_id"][0]).all()
+
+
+def test_rerun_does_no_new_work_and_no_duplicates(sweep):
+    out, _ = sweep
+    before = {p: p.stat().st_mtime_ns for p in out.glob("runs/**/shard-*.npz")}
+    result = _bench("run", "--methods", "fp,rtn", *ARGS, "--out", str(out))
+    assert result.exit_code == 0
+    assert "0 ran, 3 already complete" in result.output
+    assert {p: p.stat().st_mtime_ns for p in out.glob("runs/**/shard-*.npz")} == before
+    mlflow.set_tracking_uri(f"sqlite:///{out / 'mlflow.db'}")
+    assert len(mlflow.search_runs(experiment_names=["dmqbench-smoke"], filter_string="tags.kind = 'run'")) == 3
+
+
+def test_leaderboard_writes_markdown_and_csv(sweep, tmp_path):
+    out, _ = sweep
+    result = _bench("leaderboard", "--out", str(out), "--dest", str(tmp_path))
+    assert result.exit_code == 0, result.output
+    md = (tmp_path / "leaderboard.md").read_text()
+    assert "## tiny-random" in md and "`fid/cifarnet`" in md and "| rtn" in md and "w4a8" in md
+    csv = pd.read_csv(tmp_path / "leaderboard.csv")
+    assert set(csv["method"]) == {"fp", "rtn"}
+    assert "| fp" in result.output
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--methods", "nosuch"], "Known methods: "),
+        (["--methods", "rtn", "--bits", "w4"], "wXaY"),
+        (["--methods", "rtn", "--models", "nosuch"], "Known models"),
+        (["--methods", "rtn", "--protocol", "nosuch"], "unknown protocol"),
+        (["--methods", "rtn", "--inception-weights", "/no/such/weights.pth"], "/no/such/weights.pth"),
+    ],
+)
+def test_bad_input_exits_2_and_writes_nothing(tmp_path, args, message):
+    out = tmp_path / "out"
+    result = CliRunner().invoke(main, ["run", *args, "--out", str(out)])
+    assert result.exit_code == 2
+    assert message in result.output and "Traceback" not in result.output
+    assert not out.exists()
+
+
+def test_local_class_conditional_pipeline_directory(tmp_path):
+    torch.manual_seed(0)
+    unet = UNet2DModel(**TINY_RANDOM_UNET, num_class_embeds=10)
+    DDPMPipeline(unet=unet, scheduler=DDPMScheduler(num_train_timesteps=1000)).save_pretrained(tmp_path / "pipe")
+    out = tmp_path / "out"
+    result = _bench("run", "--methods", "fp,rtn", "--model-path", str(tmp_path / "pipe"), "--bits", "w8a8",
+                    "--num-samples", "4", "--steps", "3", "--out", str(out))
+    assert result.exit_code == 0, result.output
+    res = [json.loads(p.read_text()) for p in Path(out).glob("runs/*/*/results.json")]
+    assert len(res) == 2 and all(r["status"] == "complete" for r in res)
+    assert all(r["spec"]["model_path"] == str((tmp_path / "pipe").resolve()) for r in res)
