@@ -50,8 +50,15 @@ def initial_noise_and_cond(model: LoadedModel, seeds: list[int]) -> tuple[torch.
 
 @torch.no_grad()
 def record_trajectories(
-    model: LoadedModel, denoiser: Denoiser, schedule: Schedule, sampler: str, eta: float,
-    seeds: list[int], device: torch.device | str, batch_size: int = 64, with_eps: bool = True,
+    model: LoadedModel,
+    denoiser: Denoiser,
+    schedule: Schedule,
+    sampler: str,
+    eta: float,
+    seeds: list[int],
+    device: torch.device | str,
+    batch_size: int = 64,
+    with_eps: bool = True,
 ) -> Trajectories:
     xs, epss, conds = [], [], []
     for start in range(0, len(seeds), batch_size):
@@ -66,15 +73,25 @@ def record_trajectories(
                 steps_eps.append(eps.detach().cpu())
 
         kwargs = {"scheduler": model.scheduler} if sampler == "ddpm" else {}
-        SAMPLERS[sampler](denoiser, x.to(device), schedule, eta=eta, gens=gens,
-                          cond=cond.to(device) if cond is not None else None, callback=keep, **kwargs)
+        SAMPLERS[sampler](
+            denoiser,
+            x.to(device),
+            schedule,
+            eta=eta,
+            gens=gens,
+            cond=cond.to(device) if cond is not None else None,
+            callback=keep,
+            **kwargs,
+        )
         xs.append(torch.stack(steps_x, 1))
         if with_eps:
             epss.append(torch.stack(steps_eps, 1))
         if cond is not None:
             conds.append(cond.cpu())
     return Trajectories(
-        x=torch.cat(xs), timesteps=list(schedule.timesteps), cond=torch.cat(conds) if conds else None,
+        x=torch.cat(xs),
+        timesteps=list(schedule.timesteps),
+        cond=torch.cat(conds) if conds else None,
         eps=torch.cat(epss) if with_eps else None,
     )
 
@@ -88,8 +105,15 @@ class TrajectoryBank:
     """Implements ``methods.base.CalibrationSource`` over an on-disk cache."""
 
     def __init__(
-        self, model: LoadedModel, schedule: Schedule, sampler: str, eta: float, cache_dir: str | Path,
-        device: torch.device | str = "cpu", batch_size: int = 64, seed_base: int = CALIB_SEED_BASE,
+        self,
+        model: LoadedModel,
+        schedule: Schedule,
+        sampler: str,
+        eta: float,
+        cache_dir: str | Path,
+        device: torch.device | str = "cpu",
+        batch_size: int = 64,
+        seed_base: int = CALIB_SEED_BASE,
         model_key: str = "",
     ) -> None:
         self.model = model
@@ -105,8 +129,9 @@ class TrajectoryBank:
         self.path = Path(cache_dir) / f"traj-{hashlib.sha256(key.encode()).hexdigest()[:16]}.safetensors"
 
     def _record(self, seeds: list[int]) -> Trajectories:
-        return record_trajectories(self.model, self.denoiser, self.schedule, self.sampler, self.eta, seeds,
-                                   self.device, self.batch_size)
+        return record_trajectories(
+            self.model, self.denoiser, self.schedule, self.sampler, self.eta, seeds, self.device, self.batch_size
+        )
 
     def _load(self) -> Trajectories | None:
         if not self.path.exists():

@@ -125,7 +125,7 @@ def ls(what: str) -> None:
 @click.option("--out", default=DEFAULT_OUT, show_default=True, type=click.Path(), help="the sweep's output directory")
 @click.option("--dest", default=None, type=click.Path(), help="where to write the tables (default: OUT)")
 @click.option("--tracking-uri", default=None, help="MLflow tracking URI (default: sqlite:///OUT/mlflow.db)")
-@click.option("--html", "html_", is_flag=True, help="also write leaderboard.html (self-contained: tables, plots, samples)")
+@click.option("--html", "html_", is_flag=True, help="also write leaderboard.html (tables, plots, samples; offline)")
 def leaderboard(out: str, dest: str | None, tracking_uri: str | None, html_: bool = False) -> None:
     """Tabulate a sweep: methods x bit-widths per model and protocol (Markdown + CSV)."""
     from harness.leaderboard import build

@@ -87,8 +87,9 @@ def metric_table(part: pd.DataFrame, metric: str) -> str:
     fp = m[(m["method"] == "fp")]
     fp_mean = float(fp["mean"].iloc[0]) if len(fp) else None
     lower = _lower_is_better(metric)
-    rows = ["<table class='lb' data-metric='%s'><thead><tr><th class='method'>method</th>%s</tr></thead><tbody>"
-            % (html.escape(metric), "".join(f"<th>{html.escape(b)}</th>" for b in bits))]
+    head = "".join(f"<th>{html.escape(b)}</th>" for b in bits)
+    rows = [f"<table class='lb' data-metric='{html.escape(metric)}'><thead><tr><th class='method'>method</th>"
+            f"{head}</tr></thead><tbody>"]
     for method in methods:
         cells = []
         for b in bits:

@@ -42,7 +42,8 @@ DEFAULT_TOLERANCES: dict[str, dict[str, Any]] = {
 LOWER_IS_BETTER = ("fid/", "sfid/", "clean_fid/", "kid/", "paired/mse", "paired/eps_mse", "paired/lpips", "time/")
 HIGHER_IS_BETTER = ("is/", "paired/psnr", "paired/ssim")
 
-OK, IMPROVED, REGRESSED, MISSING, FAILED, NEW, IGNORED = "ok", "improved", "REGRESSED", "MISSING", "FAILED", "new", "ignored"
+OK, IMPROVED, REGRESSED, MISSING = "ok", "improved", "REGRESSED", "MISSING"
+FAILED, NEW, IGNORED = "FAILED", "new", "ignored"
 FAILING = (REGRESSED, MISSING, FAILED)
 
 
@@ -217,7 +218,7 @@ def compare(baseline: dict, results: dict[tuple, dict], baseline_path: str = "")
         for metric in sorted(set(cur_metrics) - set(entry["metrics"])):
             if isinstance(cur_metrics[metric], int | float):
                 report.rows.append(Row(label, metric, None, float(cur_metrics[metric]), NEW, note="not in baseline"))
-    for key, res in sorted(results.items()):
+    for key in sorted(results):
         if key not in seen:
             report.rows.append(Row(key_label(key), "(run)", None, None, NEW, note="not in baseline"))
     return report
@@ -264,7 +265,7 @@ def make_baseline(results: dict[tuple, dict], protocol: str, previous: dict | No
     from harness.tracking import git_revision
 
     runs = []
-    for key, res in sorted(results.items()):
+    for _, res in sorted(results.items()):
         if res.get("status") != "complete":
             continue
         metrics = {k: v for k, v in sorted(res.get("metrics", {}).items()) if isinstance(v, int | float)}

@@ -111,10 +111,17 @@ def run_one(spec: RunSpec, opts: RunOptions) -> dict:
     rdir.mkdir(parents=True, exist_ok=True)
     (rdir / "spec.json").write_text(json.dumps(spec.to_dict(), indent=2, sort_keys=True))
     results = {
-        "spec": spec.to_dict(), "config_hash": spec.config_hash,
-        "seeds": {"eval": f"{spec.seed * EVAL_SEED_STRIDE}..{spec.seed * EVAL_SEED_STRIDE + spec.num_samples - 1}",
-                  "run_seed": spec.seed},
-        "versions": versions(), "git_revision": git_revision(), "timings": {}, "metrics": {}, "facts": {},
+        "spec": spec.to_dict(),
+        "config_hash": spec.config_hash,
+        "seeds": {
+            "eval": f"{spec.seed * EVAL_SEED_STRIDE}..{spec.seed * EVAL_SEED_STRIDE + spec.num_samples - 1}",
+            "run_seed": spec.seed,
+        },
+        "versions": versions(),
+        "git_revision": git_revision(),
+        "timings": {},
+        "metrics": {},
+        "facts": {},
         "status": "running",
     }
     t0 = time.perf_counter()
@@ -122,8 +129,16 @@ def run_one(spec: RunSpec, opts: RunOptions) -> dict:
         torch.manual_seed(spec.seed)
         model = load_model(_model_spec(spec), spec.model_path, opts.device)
         schedule = make_schedule(model, spec.steps, spec.spacing)
-        bank = TrajectoryBank(model, schedule, spec.sampler, spec.eta, opts.cache_dir, opts.device, opts.batch_size,
-                              model_key=f"{spec.model}:{spec.model_path}")
+        bank = TrajectoryBank(
+            model,
+            schedule,
+            spec.sampler,
+            spec.eta,
+            opts.cache_dir,
+            opts.device,
+            opts.batch_size,
+            model_key=f"{spec.model}:{spec.model_path}",
+        )
         t = time.perf_counter()
         denoiser, facts = _quantize(spec, model, bank, rdir)
         results["facts"] = facts
@@ -131,8 +146,20 @@ def run_one(spec: RunSpec, opts: RunOptions) -> dict:
 
         t = time.perf_counter()
         store = ShardStore(rdir / "samples", spec.num_samples)
-        made = generate_samples(model, denoiser, schedule, spec.sampler, spec.eta, spec.seed, store, opts.device,
-                                opts.batch_size, opts.rank, opts.world, desc=f"{spec.method} {spec.bits}")
+        made = generate_samples(
+            model,
+            denoiser,
+            schedule,
+            spec.sampler,
+            spec.eta,
+            spec.seed,
+            store,
+            opts.device,
+            opts.batch_size,
+            opts.rank,
+            opts.world,
+            desc=f"{spec.method} {spec.bits}",
+        )
         results["timings"]["sample_seconds"] = time.perf_counter() - t
         results["facts"]["images_generated_this_attempt"] = made
         if opts.world > 1 and opts.rank != 0:
@@ -141,8 +168,9 @@ def run_one(spec: RunSpec, opts: RunOptions) -> dict:
         save_grid(images, rdir / "samples_grid.png")
 
         t = time.perf_counter()
-        metrics = compute_metrics(images, extractor=spec.extractor, device=opts.device,
-                                  inception_weights=opts.inception_weights)
+        metrics = compute_metrics(
+            images, extractor=spec.extractor, device=opts.device, inception_weights=opts.inception_weights
+        )
         ref_dir = run_dir(spec.fp_reference(), opts.out)
         ref_store = ShardStore(ref_dir / "samples", spec.num_samples)
         if spec.method == "fp":
@@ -150,8 +178,17 @@ def run_one(spec: RunSpec, opts: RunOptions) -> dict:
         elif ref_store.complete:
             metrics.update(paired_metrics(images, ref_store.load_all()))
         probe_seed_base = spec.seed * EVAL_SEED_STRIDE
-        probe_bank = TrajectoryBank(model, schedule, spec.sampler, spec.eta, opts.cache_dir, opts.device,
-                                    opts.batch_size, seed_base=probe_seed_base, model_key=f"{spec.model}:{spec.model_path}")
+        probe_bank = TrajectoryBank(
+            model,
+            schedule,
+            spec.sampler,
+            spec.eta,
+            opts.cache_dir,
+            opts.device,
+            opts.batch_size,
+            seed_base=probe_seed_base,
+            model_key=f"{spec.model}:{spec.model_path}",
+        )
         probe = probe_bank.trajectories(min(PROBE_IMAGES, spec.num_samples))
         assert eval_seeds(spec.seed, 0, 1)[0] == probe_seed_base  # the probe images are the first eval images
         metrics["paired/eps_mse"] = eps_mse(denoiser, probe, opts.device)

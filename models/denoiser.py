@@ -38,7 +38,9 @@ class Denoiser:
         if self.guidance_scale == 1.0 or self.uncond is None or self.conditioning == "none":
             return self.unet_call(x, t, cond)
         uncond = self.uncond.to(x.device).expand(x.shape[0], *self.uncond.shape[1:])
-        eps_u, eps_c = self.unet_call(torch.cat([x, x]), torch.cat([t.expand(x.shape[0])] * 2), torch.cat([uncond, cond])).chunk(2)
+        eps_u, eps_c = self.unet_call(
+            torch.cat([x, x]), torch.cat([t.expand(x.shape[0])] * 2), torch.cat([uncond, cond])
+        ).chunk(2)
         return eps_u + self.guidance_scale * (eps_c - eps_u)
 
     def with_unet(self, unet: nn.Module) -> Denoiser:

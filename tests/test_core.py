@@ -39,12 +39,13 @@ def test_uniform_scope_quantizes_every_conv_and_linear(tiny):
 
 def test_scope_patterns_and_fp_first_last():
     unet = load_model(get_model("tiny-random")).denoiser.unet
-    scope = Scope("custom", include=("*resnets.*.conv1", "*resnets.*.conv2", "conv_in", "conv_out"),
-                  first_last_bits=16)
+    scope = Scope("custom", include=("*resnets.*.conv1", "*resnets.*.conv2", "conv_in", "conv_out"), first_last_bits=16)
     summary = quantize_modules(unet, scope, 6, 6)
     assert all(name.endswith(("conv1", "conv2")) for name in summary.layers)
     assert "conv_in" in summary.fp_layers and "time_embedding.linear_1" in summary.fp_layers
-    assert summary.num_quantized + len(summary.fp_layers) == _n_conv_linear(load_model(get_model("tiny-random")).denoiser.unet)
+    assert summary.num_quantized + len(summary.fp_layers) == _n_conv_linear(
+        load_model(get_model("tiny-random")).denoiser.unet
+    )
 
 
 def test_bit_config_parsing():
@@ -117,8 +118,9 @@ def test_quad_and_uniform_spacing():
 
 def test_ddim_step_matches_diffusers(tiny):
     """Our DDIM update (needed for quad spacing) equals DDIMScheduler.step on its own spacing."""
-    sched = DDIMScheduler.from_config(tiny.scheduler.config, set_alpha_to_one=True, timestep_spacing="leading",
-                                      steps_offset=0)
+    sched = DDIMScheduler.from_config(
+        tiny.scheduler.config, set_alpha_to_one=True, timestep_spacing="leading", steps_offset=0
+    )
     sched.set_timesteps(10)
     ts = [int(t) for t in sched.timesteps]
     assert ts == make_timesteps(1000, 10, "uniform")

@@ -108,7 +108,9 @@ def test_quant_layer_keeps_original_weight_and_matches_manual_conv():
     x = torch.randn(2, 4, 5, 5)
     layer.act_quantizer.init_range(x)
     y = layer(x)
-    expected = torch.nn.functional.conv2d(layer.act_quantizer(x), layer.weight_quantizer(original), conv.bias, padding=1)
+    expected = torch.nn.functional.conv2d(
+        layer.act_quantizer(x), layer.weight_quantizer(original), conv.bias, padding=1
+    )
     assert torch.allclose(y, expected)
     assert torch.equal(conv.weight, original)
     layer.freeze()

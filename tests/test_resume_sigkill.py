@@ -36,7 +36,7 @@ def _metrics_ready() -> str | None:
 
 def _cmd(out: Path) -> list[str]:
     return [sys.executable, "-m", "harness.cli", "run", "--methods", "fp,rtn", "--models", "tiny-random",
-            "--bits", "w8a8", "--num-samples", str(NUM), "--steps", "6", "--device", "cpu", "--out", str(out)]
+            "--bits", "w8a8", "--num-samples", str(NUM), "--steps", "3", "--device", "cpu", "--out", str(out)]
 
 
 def _env() -> dict:
