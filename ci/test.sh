@@ -8,8 +8,9 @@ export OMP_NUM_THREADS="${OMP_NUM_THREADS:-2}"
 python -m pip install -q -e ".[test]"
 
 # Optional services for the Slurm and Chromium tests (skipped with a reason when absent).
-if [ -x .ci/run.d/slurm.sh ]; then bash .ci/run.d/slurm.sh || echo "slurm setup failed: its test will skip"; fi
-stop_services() { if [ -x .ci/run.d/slurm-stop.sh ]; then bash .ci/run.d/slurm-stop.sh || true; fi; }
+# shellcheck disable=SC1091
+set +u; source .ci/run.d/slurm.sh; set -u
+stop_services() { bash .ci/run.d/slurm-stop.sh || true; }
 trap stop_services EXIT
 
 ruff check .
