@@ -38,7 +38,7 @@ import torch
 
 PERF_EXPERIMENT = "dmqbench-perf"
 COLUMNS = ["kind", "method", "bits", "preset", "mode", "images_per_s", "time_ratio_vs_fp", "peak_mem_mib",
-           "mem_ratio_vs_fp", "seconds"]
+           "mem_ratio_vs_fp", "seconds", "rel_err_vs_eager"]
 
 
 @dataclass
@@ -179,12 +179,32 @@ def run_perf(cfg: PerfConfig, echo: Callable[[str], None] = print) -> pd.DataFra
         shown = {k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in row.items() if v not in (None, "")}
         echo("  " + ", ".join(f"{k}={v}" for k, v in shown.items()))
 
+    def rel_err(denoiser, fast) -> float:
+        """Relative L2 deviation of the fast denoiser's output from the eager fp32 one (first step)."""
+        from harness.calibration import initial_noise_and_cond
+        from methods.quant.timestep import timestep_context
+
+        x, cond, _ = initial_noise_and_cond(model, list(range(min(cfg.batch_size, 8))))
+        t0 = int(schedule.timesteps[0])
+        t = torch.full((x.shape[0],), t0, device=device)
+        with torch.no_grad(), timestep_context(0, t0, schedule.num_steps):
+            c = cond.to(device) if cond is not None else None
+            a, b = denoiser(x.to(device), t, c).float(), fast(x.to(device), t, c).float()
+        return float((a - b).norm() / a.norm().clamp_min(1e-12))
+
     def sample_rows(method: str, bits: str, preset: str, denoiser) -> None:
         add(kind="sampling", method=method, bits=bits, preset=preset, mode="eager",
             **time_sampling(model, denoiser, schedule, sampler, eta, cfg.batch_size, device, cfg.repeats))
-        fast, report = fast_denoiser(denoiser, dtype=dtype, compile=compile_, inplace=method != "fp")
+        fast, report = fast_denoiser(denoiser, dtype=dtype, compile=False, timesteps=schedule.timesteps)
+        err = rel_err(denoiser, fast)
+        del fast
+        fast, report = fast_denoiser(denoiser, dtype=dtype, compile=compile_, inplace=method != "fp",
+                                     timesteps=schedule.timesteps)
+        if report["skipped"]:
+            echo(f"  {method} {bits}: {report['skipped']} layers not convertible, left eager")
         add(kind="sampling", method=method, bits=bits, preset=preset, mode=f"fast-{dtype}" + ("-compiled" * compile_),
-            **time_sampling(model, fast, schedule, sampler, eta, cfg.batch_size, device, cfg.repeats))
+            **time_sampling(model, fast, schedule, sampler, eta, cfg.batch_size, device, cfg.repeats),
+            rel_err_vs_eager=err)
         del fast
         if device.startswith("cuda"):
             torch.cuda.empty_cache()
@@ -235,7 +255,7 @@ def _with_ratios(df: pd.DataFrame) -> pd.DataFrame:
     for col in COLUMNS:
         if col not in df:
             df[col] = np.nan if col in ("images_per_s", "time_ratio_vs_fp", "peak_mem_mib", "mem_ratio_vs_fp",
-                                        "seconds") else ""
+                                        "seconds", "rel_err_vs_eager") else ""
     sampling = df["kind"] == "sampling"
     for mode in df.loc[sampling, "mode"].unique():
         in_mode = sampling & (df["mode"] == mode)

@@ -77,6 +77,8 @@ def _quantize(spec: RunSpec, model, bank: TrajectoryBank, rdir: Path):
     facts = dict(result.facts)
     if cls.quantizes:
         torch.save(result.denoiser.unet, saved)
+    if "coverage" in facts:  # the per-layer bit report, logged with the run as an artifact
+        write_json_atomic(artifact_dir / "coverage.json", facts["coverage"])
     write_json_atomic(facts_path, facts)
     return result.denoiser, facts
 

@@ -3,18 +3,13 @@
 Imported at the end of :mod:`models.registry`, so every entry is in ``ZOO``. Sources
 (methods-reference Sec. 8 and 11; docs/zoo.md has the details and conversion recipes):
 
-============== ============================== ======== ================================== =========
-name           weights                        pipeline protocol                           reference
-============== ============================== ======== ================================== =========
-ddpm-cifar10   google/ddpm-cifar10-32 (hub)   pixel    DDIM 100, eta 0, quad, 50k         CIFAR-10 train
-ddpm-church    google/ddpm-church-256 (hub)   pixel    DDIM 100, eta 0, uniform, 50k      LSUN church train
-ddpm-bedroom   google/ddpm-bedroom-256 (hub)  pixel    DDIM 100, eta 0, uniform, 50k      LSUN bedroom train
-ldm-celebahq   CompVis/ldm-celebahq-256 (hub) LDM-4 VQ DDIM 500, eta 0 (LDM Table 1)      CelebA-HQ
-ldm-lsun-bedroom CompVis lsun_beds256 (local)  LDM-4 VQ DDIM 200, eta 1.0                   LSUN bedroom train
-ldm-lsun-church  CompVis lsun_churches256 (local) LDM-8 KL DDIM 400, eta 0                  LSUN church train
-ldm-imagenet   CompVis cin256-v2 (local)      LDM-4 VQ DDIM 20, eta 0, cfg 3.0, class     ImageNet (50/class)
-sd-v1-4        CompVis/stable-diffusion-v1-4  LDM-8 KL PLMS 50, cfg 7.5, COCO captions     COCO
-============== ============================== ======== ================================== =========
+* ``ddpm-cifar10``: google/ddpm-cifar10-32 (hub), pixel; DDIM 100, eta 0, quad; 50k vs CIFAR-10 train.
+* ``ddpm-church`` / ``ddpm-bedroom``: google/ddpm-{church,bedroom}-256 (hub), pixel; DDIM 100, eta 0.
+* ``ldm-celebahq``: CompVis/ldm-celebahq-256 (hub), LDM-4 VQ-f4; DDIM 500, eta 0 (LDM Table 1).
+* ``ldm-lsun-bedroom``: CompVis lsun_beds256 (local), LDM-4 VQ-f4; DDIM 200, eta 1.0.
+* ``ldm-lsun-church``: CompVis lsun_churches256 (local), LDM-8 KL-f8; DDIM 400, eta 0.
+* ``ldm-imagenet``: CompVis cin256-v2 (local), LDM-4 VQ-f4, class-cond.; DDIM 20, eta 0, cfg 3.0.
+* ``sd-v1-4``: CompVis/stable-diffusion-v1-4 (hub), LDM-8 KL-f8 + CLIP; PLMS 50, cfg 7.5, COCO captions.
 
 The three CompVis-only LDMs have ``source="local"`` and no default location: convert
 the original checkpoint (docs/zoo.md) and pass ``--model-path DIR``.

@@ -92,8 +92,15 @@ def test_compvis_only_entry_without_path_fails_with_the_fix():
         load_model(ZOO["ldm-lsun-bedroom"])
 
 
-@pytest.mark.parametrize("method", methods.names())
-@pytest.mark.parametrize("name", PAPER_ZOO)
+BASELINES = ("fp", "rtn")
+# Methods beyond the baselines run on the richest miniature (text CFG, PLMS, cross-attention, KL decoder)
+# by default; the full entry x method matrix is marked slow.
+FULL = ("sd-v1-4",)
+CASES = [pytest.param(n, m, marks=() if (m in BASELINES or n in FULL) else pytest.mark.slow)
+         for n in PAPER_ZOO for m in methods.names()]
+
+
+@pytest.mark.parametrize(("name", "method"), CASES)
 def test_miniature_quantize_sample_decode_score(name, method, tmp_root, tmp_path):
     spec, model, schedule, bank, fp_images = _setup(name, tmp_root)
     ae = model.extra.get("autoencoder")

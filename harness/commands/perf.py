@@ -74,7 +74,8 @@ def command(mode, model, model_path, device, batch_size, steps, methods_, bits, 
             raise click.UsageError(str(e.args[0])) from None
         params = {"mode": "sampling", **perf.perf_params(cfg, resolved)}
         keys, values = ("kind", "method", "bits", "preset", "mode"), ("images_per_s", "time_ratio_vs_fp",
-                                                                      "peak_mem_mib", "mem_ratio_vs_fp", "seconds")
+                                                                      "peak_mem_mib", "mem_ratio_vs_fp", "seconds",
+                                                                      "rel_err_vs_eager")
     click.echo("")
     click.echo(perf.format_table(df))
     run_id = perf.log_table(df, uri, f"perf-{mode}-{model}-{resolved}", params, keys, values)

@@ -8,8 +8,9 @@ A calibrated, frozen quantized UNet is converted for sampling speed:
   :func:`fused_fake_quant` (quant-dequant in fp32, returned in the input's dtype: one
   elementwise kernel under ``torch.compile``). Its Python work per call is that of an
   ``nn.Conv2d``: no ``bool(tensor)`` (GPU syncs) and no per-layer timestep lookups.
-* per-timestep parameters: a quantizer that exposes ``fast_params() -> (scale[S, ...],
-  zero_point[S, ...], qmin, qmax)`` keeps its tables on the device; the layer indexes them
+* per-timestep parameters: ``StepTableQuantizer`` tables (ADP-DM, TDQ) calibrated on the
+  sampling schedule, or any quantizer exposing ``fast_params() -> (scale[S, ...],
+  zero_point[S, ...], qmin, qmax, channel_axis)``, keep their tables on the device; the layer indexes them
   with one shared device tensor (:func:`step_tensor`) that the wrapper fills once per
   denoiser call from the sampler's timestep context. Graphs therefore do not depend on
   the step value (no recompilation per step) and the lookup costs no host work per layer.
@@ -27,6 +28,7 @@ not accelerated (:func:`convert_quant_layers` reports how many were converted).
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 from types import SimpleNamespace
 
 import torch
@@ -34,7 +36,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from methods.quant.layers import QuantLayer
-from methods.quant.quantizer import UniformQuantizer
+from methods.quant.quantizer import UniformQuantizer, qrange
+from methods.quant.step_table import StepTableQuantizer, broadcast_channels
 from methods.quant.timestep import current_step
 from models.denoiser import Denoiser
 
@@ -44,15 +47,20 @@ DTYPES = {"fp32": None, "float32": None, "none": None, "bf16": torch.bfloat16, "
 _STEP: dict[str, torch.Tensor] = {}
 
 
-def fused_fake_quant(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int
-                     ) -> torch.Tensor:
-    """Inference quant-dequant ``s * (clamp(round(x / s) + z, qmin, qmax) - z)`` in fp32, cast back to x's dtype.
+def fused_fake_quant(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int,
+                     reciprocal: bool = True) -> torch.Tensor:
+    """Inference quant-dequant in fp32, cast back to x's dtype: one elementwise kernel under ``torch.compile``.
 
-    Bit-identical to :func:`methods.quant.quantizer.fake_quant` in fp32 (its straight-through
-    ``(round(y) - y) + y`` is exact in floating point); no autograd bookkeeping.
+    ``reciprocal=True``: ``s * (clamp(round(x * (1/s)) + z, qmin, qmax) - z)``, the arithmetic of
+    PyTorch's ``fake_quantize_per_*_affine`` kernels that ``UniformQuantizer`` uses at inference
+    (bit-identical to it). ``reciprocal=False``: ``round(x / s)``, bit-identical to
+    :func:`methods.quant.quantizer.fake_quant` (whose STE ``(round(y) - y) + y`` is exact), as
+    ``StepTableQuantizer`` computes. The two differ only where ``x / s`` lies within an ulp of a
+    rounding boundary. Scales and zero points broadcast against ``x`` (per tensor or per channel).
     """
     xf = x.float()
-    q = torch.clamp(torch.round(xf / scale) + zero_point, qmin, qmax)
+    y = xf * torch.reciprocal(scale) if reciprocal else xf / scale
+    q = torch.clamp(torch.round(y) + zero_point, qmin, qmax)
     return ((q - zero_point) * scale).to(x.dtype)
 
 
@@ -81,25 +89,42 @@ def per_step(table: torch.Tensor) -> torch.Tensor:
 
 # ---- layers -------------------------------------------------------------------------------------------------
 
-def _act_params(q: nn.Module) -> tuple | None:
-    """(scale, zero_point, qmin, qmax, per_step) of an input quantizer, None for identity; raises if unknown."""
+def _act_params(q: nn.Module, timesteps: Sequence[int] | None) -> dict | None:
+    """Fast parameters of an input quantizer; None for an identity; TypeError when it cannot be converted.
+
+    ``UniformQuantizer``: static range. ``StepTableQuantizer`` without a fallback module, whose
+    table rows are exactly the sampling ``timesteps``: per-step device tables (row = step index).
+    Anything else with ``fast_params() -> (scale[S, ...], zero_point[S, ...], qmin, qmax,
+    channel_axis)`` (rows = step indices of the sampling schedule): per-step tables as well.
+    """
+    if type(q) is UniformQuantizer:
+        if not q.active:
+            return None
+        scale = q.scale.detach().abs().clamp_min(1e-8) if q.learnable else q.scale.detach()
+        qmin, qmax = q.qmin_qmax
+        return dict(scale=scale.float().clone(), zero=q.zero_point.detach().float().clone(), qmin=qmin, qmax=qmax,
+                    per_step=False, axis=None, reciprocal=True)  # already shaped to broadcast
+    if type(q) is StepTableQuantizer:
+        if not q.active:
+            return None
+        if q.fallback is not None or timesteps is None or q.timesteps.tolist() != [int(t) for t in timesteps]:
+            raise TypeError("step table does not match the sampling schedule")
+        qmin, qmax = qrange(q.bits, q.symmetric)
+        return dict(scale=q.scale.detach().float().clone(), zero=q.zero_point.detach().float().clone(), qmin=qmin,
+                    qmax=qmax, per_step=True, axis=q.channel_axis, reciprocal=False)
     fast = getattr(q, "fast_params", None)
     if callable(fast):
-        scale, zp, qmin, qmax = fast()
-        return scale.detach().float(), zp.detach().float(), int(qmin), int(qmax), True
-    if type(q) is not UniformQuantizer:
-        raise TypeError(type(q).__name__)
-    if not q.active:
-        return None
-    scale = q.scale.detach().abs().clamp_min(1e-8) if q.learnable else q.scale.detach()
-    qmin, qmax = q.qmin_qmax
-    return scale.float().clone(), q.zero_point.detach().float().clone(), qmin, qmax, False
+        scale, zp, qmin, qmax, axis = fast()
+        return dict(scale=scale.detach().float(), zero=zp.detach().float(), qmin=int(qmin), qmax=int(qmax),
+                    per_step=True, axis=axis, reciprocal=False)
+    raise TypeError(type(q).__name__)
 
 
 class FastQuantLayer(nn.Module):
     """A frozen :class:`QuantLayer` for sampling: precomputed fake-quant weight + fused input fake-quant."""
 
-    def __init__(self, layer: QuantLayer, weight_dtype: torch.dtype | None = None) -> None:
+    def __init__(self, layer: QuantLayer, weight_dtype: torch.dtype | None = None,
+                 timesteps: Sequence[int] | None = None) -> None:
         super().__init__()
         m = layer.module
         self.is_conv = isinstance(m, nn.Conv2d)
@@ -117,26 +142,25 @@ class FastQuantLayer(nn.Module):
             self.bias = None if m.bias is None else nn.Parameter(m.bias.detach().to(dtype).clone(),
                                                                    requires_grad=False)
         self.split = layer.split
-        self.qranges: list[tuple[int, int]] = []
-        self.per_step_flags: list[bool] = []
-        self.num_act = 0
+        self.acts: list[dict] = []  # python constants per input quantizer: qmin, qmax, per_step, axis, reciprocal
         if layer.quant_act:
-            params = [_act_params(q) for q in layer.act_quantizers()]
+            params = [_act_params(q, timesteps) for q in layer.act_quantizers()]
             if all(p is not None for p in params):
-                for i, (scale, zp, qmin, qmax, stepwise) in enumerate(params):
-                    self.register_buffer(f"act_scale_{i}", scale)
-                    self.register_buffer(f"act_zero_{i}", zp)
-                    self.qranges.append((qmin, qmax))
-                    self.per_step_flags.append(stepwise)
-                self.num_act = len(params)
+                for i, p in enumerate(params):
+                    self.register_buffer(f"act_scale_{i}", p.pop("scale"))
+                    self.register_buffer(f"act_zero_{i}", p.pop("zero"))
+                    self.acts.append(p)
             elif any(p is not None for p in params):
                 raise TypeError("partially initialized split quantizers")
+        self.num_act = len(self.acts)
 
     def _fq(self, x: torch.Tensor, i: int) -> torch.Tensor:
+        a = self.acts[i]
         scale, zp = getattr(self, f"act_scale_{i}"), getattr(self, f"act_zero_{i}")
-        if self.per_step_flags[i]:
-            scale, zp = per_step(scale), per_step(zp)
-        return fused_fake_quant(x, scale, zp, *self.qranges[i])
+        if a["per_step"]:
+            scale = broadcast_channels(per_step(scale), x, a["axis"])
+            zp = broadcast_channels(per_step(zp), x, a["axis"])
+        return fused_fake_quant(x, scale, zp, a["qmin"], a["qmax"], a["reciprocal"])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.num_act == 1:
@@ -149,7 +173,8 @@ class FastQuantLayer(nn.Module):
 
     def extra_repr(self) -> str:
         kind = "conv" if self.is_conv else "linear"
-        return f"{kind}, act_quantizers={self.num_act}, per_step={any(self.per_step_flags)}, split={self.split}"
+        per_step_ = any(a["per_step"] for a in self.acts)
+        return f"{kind}, act_quantizers={self.num_act}, per_step={per_step_}, split={self.split}"
 
 
 def _set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
@@ -158,14 +183,19 @@ def _set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
 
 
 @torch.no_grad()
-def convert_quant_layers(unet: nn.Module, weight_dtype: torch.dtype | None = None) -> dict[str, int]:
-    """Replace, in place, every plain QuantLayer by a FastQuantLayer; count converted and skipped layers."""
+def convert_quant_layers(unet: nn.Module, weight_dtype: torch.dtype | None = None,
+                         timesteps: Sequence[int] | None = None) -> dict[str, int]:
+    """Replace, in place, every plain QuantLayer by a FastQuantLayer; count converted and skipped layers.
+
+    ``timesteps``: the sampling schedule; per-step quantizers are converted only when their
+    tables were calibrated on exactly it (else they stay eager, which maps rows by timestep).
+    """
     converted = skipped = 0
     for name, m in list(unet.named_modules()):
         if type(m) is not QuantLayer:
             continue
         try:
-            new = FastQuantLayer(m, weight_dtype)
+            new = FastQuantLayer(m, weight_dtype, timesteps)
         except TypeError:
             skipped += 1
             continue
@@ -203,19 +233,21 @@ class FastUNet(nn.Module):
 
 
 def fast_denoiser(denoiser: Denoiser, *, dtype: torch.dtype | str | None = None, compile: bool = False,
-                  compile_mode: str | None = None, inplace: bool = False) -> tuple[Denoiser, dict[str, int]]:
+                  compile_mode: str | None = None, inplace: bool = False, timesteps: Sequence[int] | None = None,
+                  ) -> tuple[Denoiser, dict[str, int]]:
     """A sampling-only Denoiser: FastQuantLayers, optional low-precision autocast and ``torch.compile``.
 
     ``inplace=True`` converts ``denoiser.unet`` itself (no second copy in memory; the method's
     QuantLayers, and so further calibration, are gone). Works on FP denoisers too (no QuantLayers),
-    so FP and fake-quant sampling can be timed on the same footing.
+    so FP and fake-quant sampling can be timed on the same footing. ``timesteps`` (the sampling
+    schedule) lets per-step quantizers calibrated on that schedule use device tables.
     """
     if isinstance(dtype, str):
         if dtype.lower() not in DTYPES:
             raise ValueError(f"unknown dtype {dtype!r}: use one of {', '.join(DTYPES)}")
         dtype = DTYPES[dtype.lower()]
     unet = denoiser.unet if inplace else copy.deepcopy(denoiser.unet)
-    report = convert_quant_layers(unet, dtype)
+    report = convert_quant_layers(unet, dtype, timesteps)
     if dtype is not None:
         _cast_weights(unet, dtype)
     return denoiser.with_unet(FastUNet(unet, dtype, compile, compile_mode)), report
