@@ -28,7 +28,7 @@ from methods.base import BitConfig
 from methods.quant.calibrate import call_at_step
 from methods.quant.surgery import UNIFORM
 from models.loading import load_model
-from models.registry import get_model, local_model
+from models.registry import ZOO, at_path, get_model, local_model
 
 PROBE_IMAGES = 16  # images whose FP trajectories score paired/eps_mse
 
@@ -57,7 +57,9 @@ def is_complete(spec: RunSpec, out: Path) -> bool:
 
 
 def _model_spec(spec: RunSpec):
-    return local_model(spec.model_path) if spec.model_path else get_model(spec.model)
+    if spec.model_path is None:
+        return get_model(spec.model)
+    return at_path(get_model(spec.model), spec.model_path) if spec.model in ZOO else local_model(spec.model_path)
 
 
 def _quantize(spec: RunSpec, model, bank: TrajectoryBank, rdir: Path):

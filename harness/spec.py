@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field, replace
 import methods
 from methods.base import PRESETS, BitConfig
 from methods.registry import UnknownMethodError
-from models.registry import ModelSpec, get_model, local_model
+from models.registry import ModelSpec, at_path, get_model, local_model
 
 SPEC_VERSION = 1
 FP_BITS = "fp"
@@ -100,9 +100,18 @@ def resolve_methods(text: str) -> list[str]:
     return names
 
 
-def resolve_models(text: str, model_path: str | None) -> list[ModelSpec]:
+def resolve_models(text: str | None, model_path: str | None) -> list[ModelSpec]:
+    """Zoo specs by name; with ``--model-path`` a local directory, under the named model's protocol if given."""
     if model_path:
-        return [local_model(model_path)]
+        if not text:
+            return [local_model(model_path)]
+        names = _split(text)
+        if len(names) != 1:
+            raise SpecError("--model-path takes one model: name the zoo entry whose protocol applies, or none")
+        try:
+            return [at_path(get_model(names[0]), model_path)]
+        except KeyError as e:
+            raise SpecError(e.args[0]) from None
     out = []
     for n in _split(text):
         try:
@@ -124,7 +133,7 @@ def resolve_bits(text: str) -> list[str]:
 
 def expand(
     method_text: str = "all",
-    model_text: str = "tiny-cifar10",
+    model_text: str | None = None,
     bits_text: str = ",".join(DEFAULT_BITS),
     seeds: list[int] | None = None,
     protocol: str = "smoke",
@@ -147,7 +156,7 @@ def expand(
         raise SpecError(f"unknown scope {scope!r}: use 'uniform' or 'paper'")
     proto = PROTOCOLS[protocol]
     method_names = resolve_methods(method_text)
-    models = resolve_models(model_text, model_path)
+    models = resolve_models(model_text if model_text or model_path else "tiny-cifar10", model_path)
     bit_list = resolve_bits(bits_text)
     if not bit_list:
         raise SpecError("no bit-widths given: pass e.g. --bits w8a8,w4a8")

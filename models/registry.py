@@ -109,6 +109,11 @@ def local_model(path: str | Path) -> ModelSpec:
                      description=f"local diffusers directory {p}")
 
 
+def at_path(spec: ModelSpec, path: str | Path) -> ModelSpec:
+    """A zoo entry's protocol with its weights from a local diffusers directory (``--model-path``)."""
+    return replace(spec, source="local", location=str(Path(path).resolve()))
+
+
 def with_protocol(spec: ModelSpec, **overrides) -> ModelSpec:
     return replace(spec, **overrides)
 from models import zoo as _zoo  # noqa: E402,F401  (registers the paper zoo; must stay last)

@@ -149,3 +149,11 @@ def test_expand_puts_fp_first_and_validates():
         expand("rtn", "tiny-randon")
     with pytest.raises(SpecError, match="wXaY"):
         expand("rtn", "tiny-random", "w4")
+
+
+def test_model_path_keeps_the_named_zoo_protocol(tmp_path):
+    specs = expand("rtn", "ddpm-cifar10", "w8a8", [0], protocol="paper", model_path=str(tmp_path))
+    assert {s.model for s in specs} == {"ddpm-cifar10"}
+    assert all(s.steps == 100 and s.spacing == "quad" and s.model_path == str(tmp_path.resolve()) for s in specs)
+    generic = expand("rtn", None, "w8a8", [0], model_path=str(tmp_path))
+    assert generic[0].model == f"local-{tmp_path.name}"
