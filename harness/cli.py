@@ -169,8 +169,9 @@ def _mlflow_logger(experiment: str, run_name: str, params: dict):
 @click.option("--lr", type=float, default=1e-3, show_default=True)
 @click.option("--ema-decay", type=float, default=0.995, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--resume", is_flag=True, help="continue from the weights already in OUT (steps and time add up)")
 @click.option("--tracking-uri", default="sqlite:///training-mlflow.db", show_default=True)
-def train_model(name, data, out, minutes, batch_size, lr, ema_decay, seed, tracking_uri) -> None:
+def train_model(name, data, out, minutes, batch_size, lr, ema_decay, seed, resume, tracking_uri) -> None:
     """Train the embedded DDPM."""
     import mlflow
 
@@ -178,7 +179,8 @@ def train_model(name, data, out, minutes, batch_size, lr, ema_decay, seed, track
     from models.train_unet import UNetTrainConfig, train_tiny_unet
 
     cfg = UNetTrainConfig(data=data, out=out or str(ASSETS / name), seed=seed, batch_size=batch_size, lr=lr,
-                          ema_decay=ema_decay, max_minutes=minutes, cache_dir=str(Path.home() / ".cache" / "dmqbench"))
+                          ema_decay=ema_decay, max_minutes=minutes, cache_dir=str(Path.home() / ".cache" / "dmqbench"),
+                          resume=resume)
     mlflow.set_tracking_uri(tracking_uri)
     run, log = _mlflow_logger("dmqbench-training", name, vars(cfg))
     with run:

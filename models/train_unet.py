@@ -50,6 +50,7 @@ class UNetTrainConfig:
     ema_decay: float = 0.999
     save_every_minutes: float = 5.0
     cache_dir: str | None = None
+    resume: bool = False  # continue from the EMA weights already in ``out`` (fresh optimiser, warm-up skipped)
 
 
 def _save(ema: UNet2DModel, out: Path, card: dict) -> None:
@@ -72,12 +73,20 @@ def train_tiny_unet(cfg: UNetTrainConfig, log=None) -> dict:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     x_train, _, source = load_cifar10(cfg.data, "train", cache_dir=cfg.cache_dir)
     model = UNet2DModel(**TINY_UNET_CONFIG).to(device)
+    prior = {"steps": 0, "wall_seconds": 0.0, "segments": []}
+    if cfg.resume and (Path(cfg.out) / "training.json").exists():
+        # A wall-time-bounded run continued: start from the shipped EMA weights; steps and time add up.
+        model = UNet2DModel.from_pretrained(Path(cfg.out) / "unet").to(device)
+        prior = json.loads((Path(cfg.out) / "training.json").read_text())
+        prior.setdefault("segments", [{"steps": prior["steps"], "wall_seconds": prior["wall_seconds"],
+                                       "hardware": prior["hardware"], "batch_size": prior["config"]["batch_size"]}])
+        torch.manual_seed(cfg.seed + prior["steps"])
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     sched = DDPMScheduler(**DDPM_CIFAR10_SCHEDULER)
     alphas_cumprod = sched.alphas_cumprod.to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
-    lr_at = lambda s: cfg.lr * min(1.0, (s + 1) / cfg.warmup_steps)  # noqa: E731
-    gen = torch.Generator().manual_seed(cfg.seed)
+    lr_at = lambda s: cfg.lr * min(1.0, (s + 1 + prior["steps"]) / cfg.warmup_steps)  # noqa: E731
+    gen = torch.Generator().manual_seed(cfg.seed + prior["steps"])
     n_params = sum(p.numel() for p in model.parameters())
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else torch.autocast("cpu", enabled=False)
 
@@ -107,7 +116,7 @@ def train_tiny_unet(cfg: UNetTrainConfig, log=None) -> dict:
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         # EMA warm-up (as in many DDPM ports): early on the EMA tracks faster.
-        decay = min(cfg.ema_decay, (1 + step) / (10 + step))
+        decay = min(cfg.ema_decay, (1 + step + prior["steps"]) / (10 + step + prior["steps"]))
         with torch.no_grad():
             for pe, pm in zip(ema.parameters(), model.parameters()):
                 pe.lerp_(pm, 1 - decay)
@@ -118,16 +127,16 @@ def train_tiny_unet(cfg: UNetTrainConfig, log=None) -> dict:
         if log is not None and step % 50 == 0:
             log({"loss": loss_ema}, step)
         if time.time() - last_save > cfg.save_every_minutes * 60:
-            card = _card(cfg, source.to_dict(), step, time.time() - start, n_params, device, loss_ema)
+            card = _card(cfg, source.to_dict(), step, time.time() - start, n_params, device, loss_ema, prior)
             _save(ema, Path(cfg.out), card)
             last_save = time.time()
     bar.close()
-    card = _card(cfg, source.to_dict(), step, time.time() - start, n_params, device, loss_ema)
+    card = _card(cfg, source.to_dict(), step, time.time() - start, n_params, device, loss_ema, prior)
     _save(ema, Path(cfg.out), card)
     return card
 
 
-def _card(cfg, source, step, seconds, n_params, device, loss) -> dict:
+def _card(cfg, source, step, seconds, n_params, device, loss, prior) -> dict:
     hw = torch.cuda.get_device_name(0) if device == "cuda" else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
     return {
         "model": "tiny-cifar10",
@@ -135,8 +144,10 @@ def _card(cfg, source, step, seconds, n_params, device, loss) -> dict:
         "unet_config": {k: list(v) if isinstance(v, tuple) else v for k, v in TINY_UNET_CONFIG.items()},
         "scheduler": DDPM_CIFAR10_SCHEDULER,
         "parameters": n_params,
-        "steps": step,
-        "wall_seconds": round(seconds, 1),
+        "steps": prior["steps"] + step,
+        "wall_seconds": round(prior["wall_seconds"] + seconds, 1),
+        "segments": prior.get("segments", []) + [{"steps": step, "wall_seconds": round(seconds, 1), "hardware": hw,
+                                                  "batch_size": cfg.batch_size}],
         "hardware": hw,
         "final_loss_ema": loss,
         "data": source,
