@@ -10,7 +10,8 @@ cache file); ``clean_fid/inception`` additionally needs clean-fid's TorchScript 
   registered with torch-fidelity (``"cifarnet"``, ``"inception-v3-sfid"``) through torch-fidelity's
   ``get_featuresdict_from_dataset``. The reference side is precomputed statistics
   (:mod:`models.reference_stats`), which ``calculate_metrics`` cannot take as an input.
-* sFID: :func:`frechet_distance` (scipy ``sqrtm``) of the ``spatial`` features: CifarNet's group-2
+* sFID: :func:`frechet_distance` (scipy ``sqrtm``; its exact low-rank form
+  :func:`frechet_distance_to_features` when samples < dims) of the ``spatial`` features: CifarNet's group-2
   map, or Inception's ``Mixed_6d.branch1x1`` first 7 channels at 17x17 (2023 dims, as in ADM).
 * clean-FID: clean-fid's own pipeline (PNG files -> ``get_folder_features`` with a custom feature
   extractor and no resize -> ``cleanfid.fid.frechet_distance``).
@@ -59,6 +60,28 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:
     if np.iscomplexobj(covmean):
         covmean = covmean.real
     return float(diff @ diff + np.trace(s1) + np.trace(s2) - 2.0 * np.trace(covmean))
+
+
+def frechet_distance_to_features(features, mu2, sigma2) -> float:
+    """Fréchet distance between the Gaussian fit of ``features`` ``[N, D]`` and ``(mu2, sigma2)``.
+
+    Equals ``frechet_distance(**feature_statistics(features), mu2, sigma2)``. When ``N - 1 < D`` the
+    sample covariance is ``Σ₁ = A Aᵀ`` with ``A`` the centred features / sqrt(N-1) (``D x N``), and the
+    exact identity ``tr (Σ₁Σ₂)^½ = tr (Aᵀ Σ₂ A)^½`` (same non-zero eigenvalues) replaces the ``D x D``
+    sqrtm of a singular product by an ``N x N`` symmetric eigenproblem: faster and better conditioned.
+    """
+    f = features.double().cpu().numpy() if torch.is_tensor(features) else np.asarray(features, np.float64)
+    n, d = f.shape
+    if n - 1 >= d:
+        st = feature_statistics(f)
+        return frechet_distance(st["mu"], st["sigma"], mu2, sigma2)
+    mu1 = f.mean(axis=0)
+    a = (f - mu1).T / math.sqrt(n - 1)
+    m = a.T @ np.asarray(sigma2, np.float64) @ a
+    ev = np.linalg.eigvalsh(0.5 * (m + m.T))
+    diff = mu1 - np.asarray(mu2, np.float64)
+    tr_covmean = float(np.sqrt(np.clip(ev, 0.0, None)).sum())
+    return float(diff @ diff + (a * a).sum() + np.trace(sigma2) - 2.0 * tr_covmean)
 
 
 def feature_statistics(features) -> dict[str, np.ndarray]:
@@ -459,15 +482,15 @@ def _network_metrics(samples, extractor, ref, device, batch_size, inception_weig
     out = {
         f"fid/{net}": _fid_tf(feature_statistics(f[lay["fid"]]), ref.stats(lay["fid"])),
         f"is/{net}": _is_tf(f[lay["isc"]]),
-        f"sfid/{net}": frechet_distance(**_pair(feature_statistics(f[lay["sfid"]]), ref.stats(lay["sfid"]))),
+        f"sfid/{net}": frechet_distance_to_features(f[lay["sfid"]], **_ref_pair(ref.stats(lay["sfid"]))),
     }
     kid_m, kid_s = _kid(f[lay["kid"]], ref.raw(lay["kid"]), kid_subsets)
     out[f"kid/{net}"], out[f"kid_std/{net}"] = kid_m, kid_s
     return out
 
 
-def _pair(a: dict, b: dict) -> dict:
-    return {"mu1": a["mu"], "sigma1": a["sigma"], "mu2": b["mu"], "sigma2": b["sigma"]}
+def _ref_pair(b: dict) -> dict:
+    return {"mu2": b["mu"], "sigma2": b["sigma"]}
 
 
 def compute_metrics(

@@ -70,7 +70,7 @@ class RefStats:
             raise KeyError(f"reference {self.dataset}/{self.extractor} stores no raw {layer!r} features")
         return self.features[layer].astype(np.float32)
 
-    def save(self, path: str | Path) -> Path:
+    def save(self, path: str | Path, compress: bool = False) -> Path:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         arrays: dict[str, np.ndarray] = {}
@@ -82,7 +82,7 @@ class RefStats:
         meta = dict(self.meta, extractor=self.extractor, dataset=self.dataset)
         arrays["meta"] = np.array(json.dumps(meta, sort_keys=True))
         tmp = path.with_name(path.name + ".tmp.npz")
-        np.savez_compressed(tmp, **arrays)
+        (np.savez_compressed if compress else np.savez)(tmp, **arrays)
         tmp.replace(path)
         self.path = str(path)
         return path
@@ -244,7 +244,7 @@ def build_shipped_cifar10_test(data: str, cache_dir: str | None = None, device: 
         source=src.to_dict(),
         use_cache=False,
     )
-    ref.save(SHIPPED[("cifarnet", "cifar10-test")])
+    ref.save(SHIPPED[("cifarnet", "cifar10-test")], compress=True)
     return ref
 
 

@@ -357,10 +357,24 @@ slice. Weights sha256: see `config.json` (`weights_sha256`).
 {s["reproduce"]}
 ```
 
-The step count is sized from the measured step time, so other hardware trains for a different
-number of steps; to repeat this run's schedule exactly call
-`models.train_cifarnet.train_cifarnet(..., seed={s["seed"]}, steps={s["steps"]})`.
+{_reproduce_note(s)}
 """
+
+
+def _reproduce_note(s: dict) -> str:
+    if s["truncated_by_deadline"]:
+        return (
+            f"This run was stopped by the wall-clock deadline at step {s['steps']} of a {s['planned_steps']}-step "
+            "schedule (the machine slowed down mid-run, shared with other jobs), so its learning rate had not "
+            "decayed to zero. The current code shortens the schedule when the pace drops instead, so a rerun "
+            "anneals fully; the step count is sized from the measured step time, so reruns on other hardware "
+            "train for a different number of steps."
+        )
+    return (
+        "The step count is sized from the measured step time, so other hardware trains for a different\n"
+        "number of steps; to repeat this run's schedule exactly call\n"
+        f"`models.train_cifarnet.train_cifarnet(..., seed={s['seed']}, steps={s['steps']})`."
+    )
 
 
 if __name__ == "__main__":  # pragma: no cover - convenience entry point

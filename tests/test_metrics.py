@@ -51,6 +51,22 @@ def test_frechet_distance_matches_torch_fidelity_and_clean_fid(dim):
     assert _rel(ours, cf) < 1e-6
 
 
+@pytest.mark.parametrize("n", [10, 40, 200])
+def test_low_rank_frechet_equals_sqrtm_and_torch_fidelity(n):
+    from torch_fidelity.metric_fid import KEY_METRIC_FID, fid_statistics_to_metric
+
+    rng = np.random.default_rng(n)
+    d = 64
+    ref = rng.normal(size=(1000, d)) @ rng.normal(size=(d, d))
+    feats = 0.5 * rng.normal(size=(n, d)) @ rng.normal(size=(d, d)) + 1.0
+    sr, sf = M.feature_statistics(ref), M.feature_statistics(feats)
+    fast = M.frechet_distance_to_features(feats, sr["mu"], sr["sigma"])
+    tf = fid_statistics_to_metric(sf, sr, verbose=False)[KEY_METRIC_FID]
+    assert _rel(fast, tf) < 1e-6
+    if n > d:
+        assert _rel(fast, M.frechet_distance(sf["mu"], sf["sigma"], sr["mu"], sr["sigma"])) < 1e-6
+
+
 def test_frechet_distance_hand_case():
     # 1-D: (m1-m2)^2 + s1 + s2 - 2 sqrt(s1 s2) = (m1-m2)^2 + (sqrt s1 - sqrt s2)^2
     assert M.frechet_distance([1.0], [[4.0]], [3.0], [[9.0]]) == pytest.approx(4.0 + 1.0, rel=1e-12)
