@@ -76,7 +76,9 @@ class RefStats:
         arrays: dict[str, np.ndarray] = {}
         for k in self.mu:
             arrays[f"{k}/mu"] = np.asarray(self.mu[k], dtype=np.float64)
-            arrays[f"{k}/sigma"] = np.asarray(self.sigma[k], dtype=np.float64)
+            # A covariance is symmetric: its upper triangle is the whole of it, in half the bytes.
+            sigma = np.asarray(self.sigma[k], dtype=np.float64)
+            arrays[f"{k}/sigma_triu"] = sigma[np.triu_indices(sigma.shape[0])]
         for k, v in self.features.items():
             arrays[f"{k}/features"] = v
         meta = dict(self.meta, extractor=self.extractor, dataset=self.dataset)
@@ -96,8 +98,18 @@ class RefStats:
                 if key == "meta":
                     continue
                 layer, kind = key.rsplit("/", 1)
-                {"mu": mu, "sigma": sigma, "features": feats}[kind][layer] = z[key]
+                if kind == "sigma_triu":
+                    sigma[layer] = _from_triu(z[key])
+                else:
+                    {"mu": mu, "sigma": sigma, "features": feats}[kind][layer] = z[key]
         return cls(meta["extractor"], meta["dataset"], mu, sigma, feats, meta, str(path))
+
+
+def _from_triu(triu: np.ndarray) -> np.ndarray:
+    d = int((np.sqrt(8 * triu.size + 1) - 1) / 2)
+    full = np.zeros((d, d), dtype=triu.dtype)
+    full[np.triu_indices(d)] = triu
+    return full + np.triu(full, 1).T
 
 
 def sha256_bytes(*chunks: bytes) -> str:
