@@ -106,7 +106,7 @@ class ADPDMConfig(MethodConfig):
     def from_preset(cls, preset: str) -> ADPDMConfig:
         super().from_preset(preset)
         if preset == "fast":
-            return cls(preset=preset, calib_images=32, batch_size=8)
+            return cls(preset=preset, calib_images=4, batch_size=2)
         return cls(preset=preset)
 
     def __post_init__(self) -> None:
@@ -181,7 +181,9 @@ class ADPDM(QuantMethod):
         for layer in layers.values():
             layer.init_weight_range("minmax")
         freeze_all(unet)  # weights are fixed during the search: cache them
-        mixers = {n: ly.act_quantizer for n, ly in layers.items() if isinstance(ly.act_quantizer, GroupMixtureQuantizer)}
+        mixers = {
+            n: ly.act_quantizer for n, ly in layers.items() if isinstance(ly.act_quantizer, GroupMixtureQuantizer)
+        }
         for p in unet.parameters():
             p.requires_grad_(False)
         logits = [q.logits for q in mixers.values()]
@@ -270,21 +272,23 @@ def write_artifacts(
     import matplotlib.pyplot as plt
 
     names = list(weights)
-    cols = min(6, len(names))
-    rows = math.ceil(len(names) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(3.0 * cols, 2.2 * rows), squeeze=False)
-    im = None
-    for ax, name in zip(axes.flat, names):
-        im = ax.imshow(weights[name].T.numpy(), aspect="auto", vmin=0.0, vmax=1.0, cmap="viridis", origin="lower")
-        ax.plot(range(len(partition[name])), partition[name], "w.", markersize=3)
-        ax.set_title(name.replace("down_blocks", "d").replace("up_blocks", "u").replace("resnets", "r"), fontsize=6)
-        ax.tick_params(labelsize=5)
-    for ax in list(axes.flat)[len(names):]:
-        ax.axis("off")
-    fig.supxlabel("sampler step (0 = noisiest); dots: dominant group")
-    fig.supylabel("group")
-    if im is not None:
-        fig.colorbar(im, ax=axes, shrink=0.6, label="importance weight (channel mean)")
+    dominant = torch.tensor([partition[n] for n in names])  # [L, S]
+    strength = torch.stack([weights[n].max(-1).values for n in names])  # [L, S]
+    groups = weights[names[0]].shape[-1]
+    fig, axes = plt.subplots(1, 2, figsize=(12, 0.16 * len(names) + 2.0), sharey=True)
+    im0 = axes[0].imshow(dominant.numpy(), aspect="auto", cmap="tab10", vmin=-0.5, vmax=9.5, interpolation="nearest")
+    axes[0].set_title("timestep partition: dominant group per step")
+    im1 = axes[1].imshow(strength.numpy(), aspect="auto", cmap="viridis", vmin=1.0 / groups, vmax=1.0,
+                         interpolation="nearest")
+    axes[1].set_title("its importance weight (channel mean)")
+    axes[0].set_yticks(range(len(names)), [n.replace("down_blocks", "d").replace("up_blocks", "u") for n in names],
+                       fontsize=5)
+    for ax in axes:
+        ax.set_xlabel("sampler step (0 = noisiest)")
+        for s in picked:
+            ax.axvline(s, color="w", lw=0.4, alpha=0.5)
+    fig.colorbar(im0, ax=axes[0], ticks=range(groups), label="group")
+    fig.colorbar(im1, ax=axes[1], label="weight")
     path = artifact_dir / "adpdm_groups.png"
     fig.savefig(path, dpi=80)
     plt.close(fig)

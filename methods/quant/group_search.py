@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from methods.quant.quantizer import OFF_BITS, qrange, scale_zero_point
+from methods.quant.quantizer import OFF_BITS, fake_quant, qrange, scale_zero_point
 from methods.quant.step_table import StepTableQuantizer
 from methods.quant.timestep import require_step
 
@@ -82,6 +82,7 @@ class GroupMixtureQuantizer(nn.Module):
         self.calibrating = False  # recompute the step's candidate ranges from each input (official)
         self.search_floor = False  # first round: LAPQ-style shrink of the floor range (official)
         self.search_p, self.search_threshold = 0.5, 0.2
+        self.search_images = 2
         width = channels if per_channel else 1
         self.logits = nn.Parameter(torch.full((num_steps, groups, width), float(logit_init)))
         self.register_buffer("group_lo", torch.zeros(num_steps, groups))
@@ -129,10 +130,8 @@ class GroupMixtureQuantizer(nn.Module):
         qmin, qmax = qrange(self.bits, False)
         scale, zp = scale_zero_point(lo, hi, self.bits, False)
         n = x.dim()
-        # One fused kernel for the G quantized copies (same forward and straight-through
-        # gradient as fake_quant: identity inside the range, zero outside).
-        xg = x.unsqueeze(0).expand(self.groups, *x.shape).float()
-        q = torch.fake_quantize_per_channel_affine(xg, scale.float(), zp.to(torch.int32), 0, qmin, qmax)
+        shape = [self.groups] + [1] * n
+        q = fake_quant(x.unsqueeze(0), scale.view(shape), zp.view(shape), qmin, qmax)  # [G, *x.shape]
         w_shape = [self.groups] + [1] * n
         if self.per_channel:
             w_shape[1 + self.channel_axis % n] = -1
@@ -140,8 +139,13 @@ class GroupMixtureQuantizer(nn.Module):
 
     @torch.no_grad()
     def _search_floor(self, x: torch.Tensor, step: int) -> None:
-        """Official first-round init: floor x (1.0, 0.9, ..., 0.2), least L_0.5 error kept if below 0.2."""
+        """Official first-round init: floor x (1.0, 0.9, ..., 0.2), least L_0.5 error kept if below 0.2.
+
+        Deviation for cost: scored on the first ``search_images`` images of the batch (the code
+        uses the whole batch); the search runs once per step, in the first round only.
+        """
         w = self.weights(step)
+        x = x[: self.search_images]  # cost: the search runs on the first image(s) of the batch only
         best, best_err = 1.0, float("inf")
         for k in range(9):
             f = 1.0 - 0.1 * k
