@@ -83,8 +83,8 @@ class PTQ4DMConfig(MethodConfig):
         super().from_preset(preset)  # validates the name
         if preset == "paper":
             return cls(preset="paper")
-        return cls(preset="fast", num_samples=128, calib_images=32, recon_iters=120, batch_size=16,
-                   recon_samples=128)
+        return cls(preset="fast", num_samples=128, calib_images=32, recon_iters=40, batch_size=8,
+                   recon_samples=64)
 
 
 def ndtc_draws(num_steps: int, n: int, mean: float = 0.4, std: float = 0.4, seed: int = 0) -> torch.Tensor:
