@@ -67,7 +67,7 @@ def record_trajectories(
         steps_x: list[torch.Tensor] = []
         steps_eps: list[torch.Tensor] = []
 
-        def keep(i: int, t: int, x_t: torch.Tensor, eps: torch.Tensor) -> None:
+        def keep(i: int, t: int, x_t: torch.Tensor, eps: torch.Tensor, steps_x=steps_x, steps_eps=steps_eps) -> None:
             steps_x.append(x_t.detach().cpu())
             if with_eps:
                 steps_eps.append(eps.detach().cpu())

@@ -33,7 +33,7 @@ def main() -> None:
 
 
 @main.command()
-@click.option("--methods", "methods_", default="all", show_default=True, help="'all' or a comma list (bench ls methods)")
+@click.option("--methods", "methods_", default="all", show_default=True, help="'all' or a comma list (bench ls)")
 @click.option("--models", default=None, help="comma list of zoo models (bench ls models) [default: tiny-cifar10]")
 @click.option("--bits", default="w8a8,w4a8", show_default=True, help="comma list of wXaY")
 @click.option("--seeds", default="0", show_default=True, help="comma list of run seeds")

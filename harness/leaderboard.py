@@ -24,7 +24,8 @@ def load_runs(tracking_uri: str) -> pd.DataFrame:
     mlflow.set_tracking_uri(tracking_uri)
     exps = [e.name for e in mlflow.search_experiments() if e.name.startswith("dmqbench-")]
     if not exps:
-        return pd.DataFrame(columns=["model", "protocol", "method", "bits", "seed", "preset", "scope", "metric", "value"])
+        cols = ["model", "protocol", "method", "bits", "seed", "preset", "scope", "metric", "value"]
+        return pd.DataFrame(columns=cols)
     df = mlflow.search_runs(experiment_names=exps, filter_string="tags.kind = 'run'", output_format="pandas")
     df = df[df["tags.mirrored_status"] == "complete"]
     metric_cols = [c for c in df.columns if c.startswith("metrics.") and not c.startswith("metrics.fact/")]

@@ -35,7 +35,8 @@ class Protocol:
 PROTOCOLS = {
     "smoke": Protocol("smoke", "fast", num_samples=256, steps=20,
                       description="CPU smoke: 256 samples, 20 steps, fast presets; relative comparisons only"),
-    "paper": Protocol("paper", "paper", description="the model's published protocol (steps, eta, spacing, 50k samples)"),
+    "paper": Protocol("paper", "paper",
+                      description="the model's published protocol (steps, eta, spacing, 50k samples)"),
 }
 
 

@@ -77,4 +77,5 @@ def get(name: str) -> type[QuantMethod]:
     except KeyError:
         close = difflib.get_close_matches(name, _REGISTRY, n=1)
         hint = f"; did you mean {close[0]!r}?" if close else ""
-        raise UnknownMethodError(f"unknown method {name!r}{hint} Known methods: {', '.join(sorted(_REGISTRY))}") from None
+        known = ", ".join(sorted(_REGISTRY))
+        raise UnknownMethodError(f"unknown method {name!r}{hint} Known methods: {known}") from None

@@ -17,7 +17,8 @@ KEYS = ("fid/cifarnet", "sfid/cifarnet", "is/cifarnet", "kid/cifarnet", "clean_f
 
 def render(asset_dir: Path) -> str:
     train = json.loads((asset_dir / "training.json").read_text())
-    evaluation = json.loads((asset_dir / "evaluation.json").read_text()) if (asset_dir / "evaluation.json").exists() else {}
+    eval_path = asset_dir / "evaluation.json"
+    evaluation = json.loads(eval_path.read_text()) if eval_path.exists() else {}
     cfg, data = train["config"], train["data"]
     lines = [
         "# tiny-cifar10: the embedded DDPM of dmqbench",
@@ -57,7 +58,8 @@ def render(asset_dir: Path) -> str:
         "",
         "```bash",
         f"OMP_NUM_THREADS=1 bench train model tiny-cifar10 --data {data['path']} "
-        f"--minutes {cfg['max_minutes']} --batch-size {cfg['batch_size']} --lr {cfg['lr']} --ema-decay {cfg['ema_decay']}",
+        f"--minutes {cfg['max_minutes']} --batch-size {cfg['batch_size']} --lr {cfg['lr']} "
+        f"--ema-decay {cfg['ema_decay']}",
         "```",
         "",
         "Training is bounded by wall time, so the step count depends on the machine; on a GPU the same",

@@ -75,7 +75,7 @@ def register_model(spec: ModelSpec) -> ModelSpec:
 
 register_model(ModelSpec(
     "tiny-cifar10", "embedded", "tiny-cifar10", steps=100, spacing="quad",
-    description="Embedded 1.5M-param DDPM trained by this project on CIFAR-10 (see models/assets/tiny-cifar10/README.md)",
+    description="Embedded 1.5M-param DDPM trained by this project on CIFAR-10 (models/assets/tiny-cifar10/README.md)",
 ))
 register_model(ModelSpec(
     "tiny-random", "random", steps=10, spacing="uniform", resolution=32, num_samples=64,

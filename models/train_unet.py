@@ -88,7 +88,8 @@ def train_tiny_unet(cfg: UNetTrainConfig, log=None) -> dict:
     lr_at = lambda s: cfg.lr * min(1.0, (s + 1 + prior["steps"]) / cfg.warmup_steps)  # noqa: E731
     gen = torch.Generator().manual_seed(cfg.seed + prior["steps"])
     n_params = sum(p.numel() for p in model.parameters())
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else torch.autocast("cpu", enabled=False)
+    on_gpu = device == "cuda"
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if on_gpu else torch.autocast("cpu", enabled=False)
 
     start = time.time()
     last_save = start
@@ -137,7 +138,8 @@ def train_tiny_unet(cfg: UNetTrainConfig, log=None) -> dict:
 
 
 def _card(cfg, source, step, seconds, n_params, device, loss, prior) -> dict:
-    hw = torch.cuda.get_device_name(0) if device == "cuda" else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    cpu = f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    hw = torch.cuda.get_device_name(0) if device == "cuda" else cpu
     return {
         "model": "tiny-cifar10",
         "config": asdict(cfg),
