@@ -58,7 +58,10 @@ def _from_pipeline(location: str, spec: ModelSpec) -> tuple[torch.nn.Module, obj
                 f"{location} is not a diffusers pipeline directory (no model_index.json or unet/): "
                 "save one with pipeline.save_pretrained(DIR)"
             )
-        unet = UNet2DModel.from_pretrained(path / "unet", local_files_only=True) if (path / "unet").is_dir() else None
+        unet = None
+        if (path / "unet").is_dir():
+            # low_cpu_mem_usage=False: the fast path needs `accelerate`, which these small UNets do not warrant
+            unet = UNet2DModel.from_pretrained(path / "unet", local_files_only=True, low_cpu_mem_usage=False)
         if unet is not None:
             sched = DDPMScheduler.from_pretrained(path / "scheduler", local_files_only=True) if (
                 path / "scheduler").is_dir() else DDPMScheduler(**_DDPM_LINEAR)
