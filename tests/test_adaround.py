@@ -1,4 +1,4 @@
-"""AdaRound: the rectified sigmoid, its initialisation, the beta schedule, hardening, and a layer-output win over RTN."""
+"""AdaRound: rectified sigmoid, initialisation, beta schedule, hardening, a layer-output win over RTN."""
 
 import torch
 from torch import nn

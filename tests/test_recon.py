@@ -67,7 +67,8 @@ def test_units_cover_every_layer_once_in_execution_order(setup):
     covered = [n for u in units for n in u.layers]
     assert sorted(covered) == sorted(quant_layers(d.unet))  # each quantized layer in exactly one unit
     order = [u.name for u in execution_order(d, units, samples, 10, "cpu")]
-    assert order.index("down_blocks.1.resnets.0") < order.index("mid_block.resnets.0") < order.index("up_blocks.0.resnets.0")
+    pos = order.index
+    assert pos("down_blocks.1.resnets.0") < pos("mid_block.resnets.0") < pos("up_blocks.0.resnets.0")
     assert order[-1] == "conv_out"
 
 
@@ -76,7 +77,8 @@ def test_capture_caches_resnet_args_and_fp_targets(setup):
     d = quantized(m, samples)
     name = "up_blocks.0.resnets.1"
     args, kwargs, _ = _capture(d, d.unet.get_submodule(name), samples, 10, "cpu", 5, False)
-    assert len(args) == 2 and args[0].shape[0] == 12 and args[1].shape == (12, m.denoiser.unet.config.block_out_channels[0] * 4)
+    temb_dim = m.denoiser.unet.config.block_out_channels[0] * 4
+    assert len(args) == 2 and args[0].shape[0] == 12 and args[1].shape == (12, temb_dim)
     fp_mod = m.denoiser.unet.get_submodule(name)
     fp_args, _, target = _capture(m.denoiser, fp_mod, samples, 10, "cpu", 5, True)
     with torch.no_grad():
@@ -98,7 +100,7 @@ def test_reconstruct_whole_unet_hardens_and_improves_blocks(setup):
     m, samples = setup
     d = quantized(m, samples)
     rtn = quantized(m, samples)
-    cfg = ReconConfig(iters=30, batch_size=6, learn_weights=True, learn_acts=True, act_quant=True, p=2.4,
+    cfg = ReconConfig(iters=12, batch_size=4, learn_weights=True, learn_acts=True, act_quant=True, p=2.4,
                       w_lr=1e-2, progress=False)
     stats = reconstruct(d, m.denoiser, samples, 10, cfg)
     assert len(stats) == len(find_units(d.unet))
@@ -113,3 +115,27 @@ def test_reconstruct_whole_unet_hardens_and_improves_blocks(setup):
         fp, out_rec, out_rtn = m.denoiser(x, t), d(x, t), rtn(x, t)
     assert torch.isfinite(out_rec).all()
     assert ((out_rec - fp) ** 2).mean() < ((out_rtn - fp) ** 2).mean()
+
+
+def test_learned_step_is_stored_positive(setup):
+    """Training quantizes with |s|, the fused inference kernel with s: a step Adam pushed below zero must come
+    out of the unit as |s| (a negative step mirrors the clipping range in the fused kernel)."""
+    from methods.quant.recon import Unit, make_learnable, reconstruct_unit
+
+    layer = QuantLayer(torch.nn.Linear(4, 3), 16, 8, False)
+    layer.act_quantizer.init_range(torch.linspace(-1, 1, 50))
+    s = make_learnable(layer.act_quantizer)
+    with torch.no_grad():
+        s.neg_()
+    x = torch.randn(16, 4)
+    with torch.no_grad():
+        target = layer.module(x)
+    cfg = ReconConfig(iters=1, batch_size=4, learn_weights=False, learn_acts=True, act_quant=True, a_lr=0.0,
+                      progress=False)
+    reconstruct_unit(Unit("l", layer, "layer", {"l": layer}), ([x], {}, 16), target, cfg, torch.Generator())
+    assert (layer.act_quantizer.scale > 0).all()
+    with torch.no_grad():  # the inference (fused) path now matches the training (|s|) path
+        inference = layer(x)
+    with torch.enable_grad():
+        training = layer(x)
+    torch.testing.assert_close(inference, training.detach())

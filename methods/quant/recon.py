@@ -14,7 +14,8 @@ arguments and keyword arguments, e.g. ``(hidden_states, temb)`` of a resnet) fro
 *quantized* model, whose earlier units are already reconstructed (``asym=True``, as
 Q-Diffusion and BRECQ's ``asym`` option; ``asym=False`` takes the FP model's inputs), and its
 output from the *FP* model as the target. The forward passes stop at the unit (an
-exception raised from the hook), so caching costs a partial forward per unit.
+exception raised from the hook), so caching costs a partial forward per unit; the FP targets of
+all units are cached in one pass up front.
 
 Then, with Adam, the unit minimises ``lp_loss(unit(inputs), target)`` (``|.|^p`` summed over
 channels, averaged over the rest, as BRECQ) plus the AdaRound regulariser (weight 0.01,
@@ -180,6 +181,22 @@ def _capture(denoiser: Denoiser, module: nn.Module, samples: Batch, num_steps: i
     return args, kwargs, (torch.cat(outs) if want_output else None)
 
 
+@torch.no_grad()
+def _capture_outputs(denoiser: Denoiser, modules: dict[str, nn.Module], samples: Batch, num_steps: int, device,
+                     batch: int) -> dict[str, torch.Tensor]:
+    """Outputs of all ``modules`` on all samples in one full forward pass per batch (FP targets)."""
+    outs: dict[str, list[torch.Tensor]] = {n: [] for n in modules}
+    handles = [m.register_forward_hook(lambda mod, a, out, n=n: outs[n].append(_first_tensor(out).detach()))
+               for n, m in modules.items()]
+    try:
+        for b in iterate_by_step(samples, batch, num_steps):
+            call_at_step(denoiser, b, num_steps, device)
+    finally:
+        for h in handles:
+            h.remove()
+    return {n: torch.cat(v) for n, v in outs.items()}
+
+
 # ---- quantizer state ----------------------------------------------------------------------------------
 def _act_quantizers(module: nn.Module) -> list[UniformQuantizer]:
     qs: list[UniformQuantizer] = []
@@ -283,6 +300,9 @@ def reconstruct_unit(unit: Unit, inputs: tuple[list, dict, int], target: torch.T
         for q in ada:
             q.harden()
         for s in scales:
+            # Training quantizes with |s| (UniformQuantizer's LSQ path) but inference uses the raw step:
+            # store what training saw, so a step pushed through zero by Adam cannot flip the grid.
+            s.data = s.data.abs().clamp_min(1e-8)
             s.requires_grad_(False)
         unit.module.train(was_training)
     return {"iters": cfg.iters, "loss_first": first, "loss_last": last, "soft_hardness": soft_hard}
@@ -305,13 +325,17 @@ def reconstruct(
     with activation_quant(unet, cfg.act_quant):
         units = execution_order(qdenoiser, units if units is not None else find_units(unet), samples, num_steps,
                                 device)
+        targets: dict[str, torch.Tensor] = {}
+        if cfg.asym:  # all FP targets in one pass (the FP model does not change)
+            fp_modules = {u.name: fp_denoiser.unet.get_submodule(u.name) for u in units}
+            targets = _capture_outputs(fp_denoiser, fp_modules, samples, num_steps, device, cfg.cache_batch)
         bar = tqdm(units, desc="recon", unit="unit", disable=not cfg.progress, leave=False)
         for unit in bar:
             start = time.perf_counter()
             fp_module = fp_denoiser.unet.get_submodule(unit.name)
             if cfg.asym:
                 args, kwargs, _ = _capture(qdenoiser, unit.module, samples, num_steps, device, cfg.cache_batch, False)
-                _, _, target = _capture(fp_denoiser, fp_module, samples, num_steps, device, cfg.cache_batch, True)
+                target = targets.pop(unit.name)
             else:
                 args, kwargs, target = _capture(fp_denoiser, fp_module, samples, num_steps, device,
                                                 cfg.cache_batch, True)

@@ -57,6 +57,6 @@ def find_shortcut_splits(unet: nn.Module, x: torch.Tensor, t: torch.Tensor, **un
     return _probe_splits(unet, lambda: unet(x, t, **unet_kwargs))
 
 
-def find_denoiser_splits(denoiser, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None = None) -> dict[str, int]:
+def find_denoiser_splits(denoiser, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None = None) -> dict:
     """:func:`find_shortcut_splits` through a :class:`models.denoiser.Denoiser` (handles conditioning)."""
     return _probe_splits(denoiser.unet, lambda: denoiser(x, t, cond))

@@ -1,0 +1,102 @@
+"""Q-Diffusion: shortcut splitting, attention-matmul quantizers, presets, and an end-to-end run on tiny-random."""
+
+import copy
+
+import pytest
+import torch
+
+from harness.calibration import TrajectoryBank
+from harness.generate import make_schedule
+from methods.base import BitConfig, MethodConfig
+from methods.qdiffusion import QDiffusion, QDiffusionConfig
+from methods.quant.adaround import AdaRoundQuantizer
+from methods.quant.attention import QuantAttnProcessor, attention_processors, quantize_attention
+from methods.quant.shortcut import find_denoiser_splits
+from methods.quant.surgery import UNIFORM, quant_layers
+from methods.registry import get
+from models.loading import load_model
+from models.registry import get_model
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return load_model(get_model("tiny-random"))
+
+
+def test_shortcut_splits_match_the_unet_structure(model):
+    unet = model.denoiser.unet
+    splits = find_denoiser_splits(model.denoiser, torch.randn(1, 3, 32, 32), torch.tensor([10]))
+    # tiny-random: block_out_channels (16, 32), one resnet per block (+1 in up blocks).
+    # up_blocks.0 (32 ch, deep path 32 ch) takes skips of 32 (down_blocks.1 resnet) and 32 (downsampler);
+    # up_blocks.1: resnet 0 gets hidden 32 + skip 16, resnet 1 gets hidden 16 + skip 16 (conv_in).
+    assert splits == {
+        "up_blocks.0.resnets.0.conv1": 32, "up_blocks.0.resnets.0.conv_shortcut": 32,
+        "up_blocks.0.resnets.1.conv1": 32, "up_blocks.0.resnets.1.conv_shortcut": 32,
+        "up_blocks.1.resnets.0.conv1": 32, "up_blocks.1.resnets.0.conv_shortcut": 32,
+        "up_blocks.1.resnets.1.conv1": 16, "up_blocks.1.resnets.1.conv_shortcut": 16,
+    }
+    for name, split in splits.items():
+        assert 0 < split < unet.get_submodule(name).in_channels
+
+
+def test_attention_processor_matches_diffusers_when_off_and_quantizes_when_on(model):
+    unet = copy.deepcopy(model.denoiser.unet)
+    x, t = torch.randn(2, 3, 32, 32), torch.tensor([5, 500])
+    with torch.no_grad():
+        ref = unet(x, t).sample
+        assert quantize_attention(unet, 8, 16) == 4
+        procs = attention_processors(unet)
+        assert all(isinstance(p, QuantAttnProcessor) for p in procs.values())
+        torch.testing.assert_close(unet(x, t).sample, ref)  # uninitialised quantizers pass through
+        p = next(iter(procs.values()))
+        assert p.probs_quantizer.bits == 16 and p.q_quantizer.bits == 8
+        for proc in procs.values():
+            for q in (proc.q_quantizer, proc.k_quantizer, proc.v_quantizer):
+                q.set_range(torch.tensor(-0.5), torch.tensor(0.5))
+        assert all(proc.q_quantizer.active and not proc.probs_quantizer.active for proc in procs.values())
+        assert not torch.allclose(unet(x, t).sample, ref)
+    # The processors are submodules: their ranges are in the state dict.
+    assert any(k.endswith("processor.q_quantizer.scale") for k in unet.state_dict())
+
+
+def test_presets():
+    paper, fast = QDiffusionConfig.from_preset("paper"), QDiffusionConfig.from_preset("fast")
+    assert (paper.calib_images, paper.calib_steps, paper.weight_iters, paper.act_iters, paper.batch_size) == (
+        256, 20, 20000, 5000, 32)
+    assert (paper.round_weight, paper.b_start, paper.b_end, paper.warmup, paper.a_lr, paper.a_p) == (
+        0.01, 20.0, 2.0, 0.2, 4e-4, 2.4)
+    assert (paper.w_init, paper.w_lr, paper.joint) == ("minmax", 1e-3, False)  # the official script's values
+    assert fast.joint and fast.joint_iters < paper.weight_iters
+    assert QDiffusionConfig.from_dict(fast.to_dict()) == fast
+    assert isinstance(paper, MethodConfig)
+    assert get("qdiffusion") is QDiffusion
+    scope = QDiffusion().paper_scope()
+    assert scope.first_last_bits is None and scope.attention_matmuls
+
+
+def test_end_to_end_tiny_random(model, tmp_path):
+    sch = make_schedule(model, 10, "uniform")
+    bank = TrajectoryBank(model, sch, "ddim", 0.0, tmp_path)
+    cfg = QDiffusionConfig.from_preset("fast")
+    cfg.calib_images, cfg.calib_steps, cfg.joint_iters, cfg.batch_size, cfg.recon_samples = 2, 5, 3, 4, 6
+    cfg.progress = False
+    d = model.denoiser.with_unet(copy.deepcopy(model.denoiser.unet))
+    res = QDiffusion(cfg).quantize(d, bank, BitConfig.parse("w4a8"), UNIFORM, tmp_path)
+    f = res.facts
+    assert f["calib_seconds"] > 0 and f["layers_quantized"] == len(quant_layers(d.unet))
+    assert f["shortcut_splits"] == 8 and f["attention_matmuls_quantized"] == 8
+    layers = quant_layers(d.unet)
+    split = layers["up_blocks.1.resnets.1.conv1"]
+    # Two activation quantizers and two weight quantizers per skip concatenation, both active.
+    assert split.split == 16 and len(split.act_quantizers()) == 2 and len(split.weight_quantizers()) == 2
+    assert all(q.active for q in split.act_quantizers())
+    assert not torch.equal(split.act_quantizer.scale, split.act_quantizer_skip.scale)
+    assert all(isinstance(q, AdaRoundQuantizer) and q.hardened for q in split.weight_quantizers())
+    for proc in attention_processors(d.unet).values():
+        assert all(q.active for q in proc.quantizers().values())
+    assert all(layer.frozen_weight is not None for layer in layers.values())
+    with torch.no_grad():
+        out = d(torch.randn(2, 3, 32, 32), torch.tensor([3, 700]))
+    assert torch.isfinite(out).all()
