@@ -96,6 +96,19 @@ def record_trajectories(
     )
 
 
+def weights_fingerprint(module: torch.nn.Module) -> str:
+    """sha256 of a module's state (names and bytes), cached on the module: identifies the exact weights."""
+    cached = getattr(module, "_dmq_fingerprint", None)
+    if cached is not None:
+        return cached
+    h = hashlib.sha256()
+    for name, tensor in module.state_dict().items():
+        h.update(name.encode())
+        h.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    module._dmq_fingerprint = h.hexdigest()[:16]
+    return module._dmq_fingerprint
+
+
 def _concat(a: Trajectories, b: Trajectories) -> Trajectories:
     cat = lambda u, v: None if u is None else torch.cat([u, v])  # noqa: E731
     return Trajectories(torch.cat([a.x, b.x]), a.timesteps, cat(a.cond, b.cond), cat(a.eps, b.eps))
@@ -125,7 +138,10 @@ class TrajectoryBank:
         self.device = torch.device(device)
         self.batch_size = batch_size
         self.seed_base = seed_base
-        key = json.dumps([model_key or model.spec.name, sampler, self.timesteps, eta, seed_base], default=str)
+        # The weights' fingerprint is part of the key: a re-trained model never reuses stale trajectories.
+        self.fingerprint = weights_fingerprint(model.denoiser.unet)
+        key = json.dumps([model_key or model.spec.name, self.fingerprint, sampler, self.timesteps, eta, seed_base],
+                         default=str)
         self.path = Path(cache_dir) / f"traj-{hashlib.sha256(key.encode()).hexdigest()[:16]}.safetensors"
 
     def _record(self, seeds: list[int]) -> Trajectories:

@@ -146,6 +146,7 @@ def run_one(spec: RunSpec, opts: RunOptions) -> dict:
         t = time.perf_counter()
         denoiser, facts = _quantize(spec, model, bank, rdir)
         results["facts"] = facts
+        results["model_fingerprint"] = bank.fingerprint  # sha256 of the FP weights this run quantized
         results["timings"]["calib_seconds"] = float(facts.get("calib_seconds", time.perf_counter() - t))
 
         t = time.perf_counter()
