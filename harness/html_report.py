@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from harness.leaderboard import LOWER_IS_BETTER_PREFIXES, PRIMARY, _bits_order, _metric_order, load_runs, summarise
+from harness.leaderboard import PRIMARY, _bits_order, _metric_order, direction, direction_label, load_runs, summarise
 
 PLOT_METRICS = 6  # per (model, protocol): the first N metrics in leaderboard order
 
@@ -54,7 +54,7 @@ def _b64_png(data: bytes) -> str:
 
 
 def _lower_is_better(metric: str) -> bool:
-    return metric.startswith(LOWER_IS_BETTER_PREFIXES)
+    return direction(metric) == -1
 
 
 def _bits_key(b: str) -> tuple:
@@ -201,7 +201,7 @@ def render(summary: pd.DataFrame, grids: dict[tuple[str, str], list[tuple[str, P
             parts.append(f"<h3>Metrics against bit-width</h3><img class='plot' alt='plots {anchor}' "
                          f"src='{_b64_png(png)}'>")
         for metric in metrics:
-            arrow = "lower is better" if _lower_is_better(metric) else "higher is better"
+            arrow = direction_label(metric)
             parts.append(f"<h3><code>{html.escape(metric)}</code> <span class='note'>({arrow})</span></h3>")
             parts.append(metric_table(part, metric))
         runs = grids.get((model, protocol), [])

@@ -16,7 +16,22 @@ import pandas as pd
 PRIMARY = ("fid/cifarnet", "sfid/cifarnet", "is/cifarnet", "kid/cifarnet", "clean_fid/cifarnet",
            "fid/inception", "sfid/inception", "is/inception",
            "paired/mse", "paired/psnr", "paired/eps_mse", "time/calib_seconds")
-LOWER_IS_BETTER_PREFIXES = ("fid/", "sfid/", "kid/", "clean_fid/", "paired/mse", "paired/eps_mse", "time/")
+# The one place a metric's direction is decided (tables, HTML page and `bench regress` all ask here).
+LOWER_IS_BETTER = ("fid/", "sfid/", "clean_fid/", "kid/", "paired/mse", "paired/eps_mse", "paired/lpips", "time/")
+HIGHER_IS_BETTER = ("is/", "paired/psnr", "paired/ssim")
+
+
+def direction(metric: str) -> int:
+    """-1: lower is better; +1: higher is better; 0: no direction (e.g. ``kid_std``, a spread)."""
+    if metric.startswith(LOWER_IS_BETTER):
+        return -1
+    if metric.startswith(HIGHER_IS_BETTER):
+        return 1
+    return 0
+
+
+def direction_label(metric: str) -> str:
+    return {-1: "lower is better", 1: "higher is better", 0: "no direction"}[direction(metric)]
 
 
 def load_runs(tracking_uri: str) -> pd.DataFrame:
@@ -79,8 +94,7 @@ def to_markdown(tabs: dict[tuple[str, str, str], pd.DataFrame], note: str = "") 
         if (model, protocol) != current:
             current = (model, protocol)
             lines += [f"## {model} — protocol `{protocol}`", ""]
-        arrow = "lower is better" if metric.startswith(LOWER_IS_BETTER_PREFIXES) else "higher is better"
-        lines += [f"### `{metric}` ({arrow})", "", t.to_markdown(), ""]
+        lines += [f"### `{metric}` ({direction_label(metric)})", "", t.to_markdown(), ""]
     return "\n".join(lines)
 
 

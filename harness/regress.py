@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from harness.leaderboard import direction
+
 KEY_FIELDS = ("model", "protocol", "method", "bits", "seed", "preset", "scope")
 FORMAT = 1
 
@@ -39,8 +41,6 @@ DEFAULT_TOLERANCES: dict[str, dict[str, Any]] = {
     "paired/psnr": {"rel": 0.03},
     "*": {"rel": 0.1},
 }
-LOWER_IS_BETTER = ("fid/", "sfid/", "clean_fid/", "kid/", "paired/mse", "paired/eps_mse", "paired/lpips", "time/")
-HIGHER_IS_BETTER = ("is/", "paired/psnr", "paired/ssim")
 
 OK, IMPROVED, REGRESSED, MISSING = "ok", "improved", "REGRESSED", "MISSING"
 FAILED, NEW, IGNORED = "FAILED", "new", "ignored"
@@ -49,15 +49,6 @@ FAILING = (REGRESSED, MISSING, FAILED)
 
 class RegressError(ValueError):
     """Bad input (missing or malformed baseline, no results): exit status 2."""
-
-
-def direction(metric: str) -> int:
-    """-1: lower is better; +1: higher is better; 0: no direction (two-sided window)."""
-    if metric.startswith(LOWER_IS_BETTER):
-        return -1
-    if metric.startswith(HIGHER_IS_BETTER):
-        return 1
-    return 0
 
 
 def tolerance_for(metric: str, tolerances: dict[str, dict]) -> dict:
