@@ -78,8 +78,10 @@ GRANULARITIES = ("per-channel", "per-tensor")
 class ADPDMConfig(MethodConfig):
     """ADP-DM hyperparameters. ``paper``: the official code's values. ``fast`` (CPU smoke) changes:
 
-    * ``calib_images`` 1024 -> 32 and ``batch_size`` 16 -> 8: 4 rounds instead of 64
-      (each round = one FP generation of the batch + one fwd/bwd per sampler step);
+    * ``calib_images`` 1024 -> 4 and ``batch_size`` 16 -> 2: 2 rounds instead of 64
+      (each round = one FP generation of the batch + one fwd/bwd per sampler step; the
+      8-way mixture makes each step costly on a CPU);
+    * with ``weight_recon``: 80 reconstruction iterations per block on 64 cached samples;
     * nothing else: groups, lr, weight decay, entropy weight, selector rule and range init
       are the official ones. Fewer rounds means fewer AdamW steps per step's logits (4 vs 64),
       so the group weights stay closer to uniform (the inference range is then close to the
@@ -99,14 +101,19 @@ class ADPDMConfig(MethodConfig):
     floor_lo: float = -4.0  # official initial activation range [-4, 6]; None-like: set floor=False
     floor_hi: float = 6.0
     floor: bool = True
-    weight_recon: bool = False  # AdaRound/BRECQ weights via methods.quant.recon (not wired yet)
+    weight_recon: bool = False  # BRECQ + AdaRound weights via methods.quant.recon (official: min-max RTN)
+    recon_images: int = 256  # with weight_recon: FP trajectories, at 20 uniformly spaced steps
+    recon_iters: int = 20000  # Adam steps per block (Q-Diffusion's value)
+    recon_batch: int = 32
+    recon_samples: int | None = None  # cache at most this many samples (None: all)
     seed: int = 0
 
     @classmethod
     def from_preset(cls, preset: str) -> ADPDMConfig:
         super().from_preset(preset)
         if preset == "fast":
-            return cls(preset=preset, calib_images=4, batch_size=2)
+            return cls(preset=preset, calib_images=4, batch_size=2, recon_images=32, recon_iters=80, recon_batch=8,
+                       recon_samples=64)
         return cls(preset=preset)
 
     def __post_init__(self) -> None:
@@ -147,19 +154,23 @@ class ADPDM(QuantMethod):
         """An empty inference structure for ``load_state_dict`` of a calibrated model (then ``freeze_all``)."""
         return quantize_modules(unet, scope, bits.w, bits.a, _skeleton_factory(granularity))
 
+    def _reconstruct_weights(self, denoiser: Denoiser, calib: CalibrationSource, num_steps: int) -> None:
+        """Optional (not in the official code): BRECQ + AdaRound weights from the engine, activations off,
+        on FP trajectory states at uniformly spaced steps (Q-Diffusion's calibration set)."""
+        from methods.quant.recon import ReconConfig, reconstruct
+        from methods.rtn import uniform_steps
+
+        cfg: ADPDMConfig = self.config
+        traj = calib.trajectories(cfg.recon_images)
+        samples = traj.at_steps(uniform_steps(traj.num_steps, min(20, traj.num_steps)))
+        rc = ReconConfig(iters=cfg.recon_iters, batch_size=cfg.recon_batch, learn_weights=True, learn_acts=False,
+                         act_quant=False, max_samples=cfg.recon_samples, seed=cfg.seed, progress=False)
+        reconstruct(denoiser, calib.denoiser, samples, num_steps, rc, calib.device)
+
     def quantize(
         self, denoiser: Denoiser, calib: CalibrationSource, bits: BitConfig, scope: Scope, artifact_dir: Path
     ) -> QuantResult:
         cfg: ADPDMConfig = self.config
-        if cfg.weight_recon:
-            try:
-                import methods.quant.recon  # noqa: F401
-            except ImportError as e:
-                raise NotImplementedError(
-                    "adpdm weight_recon=True needs methods.quant.recon (BRECQ/AdaRound), which is not "
-                    "available in this checkout; use weight_recon=False (official: min-max RTN weights)"
-                ) from e
-            raise NotImplementedError("adpdm weight_recon=True: AdaRound weights are not wired into ADP-DM yet")
         start = time.perf_counter()
         timesteps = list(calib.timesteps)
         num_steps = len(timesteps)
@@ -180,6 +191,8 @@ class ADPDM(QuantMethod):
         layers = quant_layers(unet)
         for layer in layers.values():
             layer.init_weight_range("minmax")
+        if cfg.weight_recon:
+            self._reconstruct_weights(denoiser, calib, num_steps)
         freeze_all(unet)  # weights are fixed during the search: cache them
         mixers = {
             n: ly.act_quantizer for n, ly in layers.items() if isinstance(ly.act_quantizer, GroupMixtureQuantizer)

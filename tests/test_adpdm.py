@@ -145,8 +145,18 @@ def test_end_to_end_tiny_random(setup, tmp_path, granularity):
     assert torch.equal(_sample(m.denoiser.with_unet(loaded), m, sch), out)
 
 
-def test_weight_recon_flag(setup, tmp_path):
+def test_weight_recon_uses_adaround_from_the_engine(setup, tmp_path):
+    from methods.quant.adaround import AdaRoundQuantizer
+
     m, sch, bank = setup
-    d = m.denoiser.with_unet(copy.deepcopy(m.denoiser.unet))
-    with pytest.raises(NotImplementedError, match="weight_recon"):
-        ADPDM(ADPDMConfig(weight_recon=True)).quantize(d, bank, BitConfig(4, 8), UNIFORM, tmp_path)
+    cfg = ADPDMConfig(preset="fast", calib_images=2, batch_size=2, weight_recon=True, recon_images=2,
+                      recon_iters=4, recon_batch=2, recon_samples=4)
+    plain = ADPDM(ADPDMConfig(preset="fast", calib_images=2, batch_size=2)).quantize(
+        m.denoiser.with_unet(copy.deepcopy(m.denoiser.unet)), bank, BitConfig(4, 8), UNIFORM, tmp_path / "a")
+    res = ADPDM(cfg).quantize(m.denoiser.with_unet(copy.deepcopy(m.denoiser.unet)), bank, BitConfig(4, 8),
+                              UNIFORM, tmp_path / "b")
+    layers = quant_layers(res.denoiser.unet)
+    assert any(isinstance(ly.weight_quantizer, AdaRoundQuantizer) for ly in layers.values())
+    rtn_w = {n: ly.quantized_weight() for n, ly in quant_layers(plain.denoiser.unet).items()}
+    assert any(not torch.equal(ly.quantized_weight(), rtn_w[n]) for n, ly in layers.items())  # rounding moved
+    assert torch.isfinite(_sample(res.denoiser, m, sch)).all()
