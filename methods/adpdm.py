@@ -38,8 +38,9 @@ says which source it follows:
 * **Weights** (code: per-output-channel min-max round-to-nearest with step max/(2^(b-1)-1),
   clamped to [min, max]). We use per-channel symmetric min-max RTN (step max|w|/(2^(b-1)-1)):
   identical when |min| <= max, and it never exceeds 2^b levels when |min| > max (the
-  official clamp then silently uses more). ``weight_recon=True`` asks for AdaRound/BRECQ
-  weights from ``methods.quant.recon`` (not wired yet: raises NotImplementedError).
+  official clamp then silently uses more). ``weight_recon=True`` (not in the official code)
+  replaces RTN weights by BRECQ + AdaRound from ``methods.quant.recon``, activations off,
+  before the group search.
 * **Granularity**: ``per-channel`` activation ranges, as released (simulation only: a
   per-input-channel scale cannot be folded into an integer matmul), or ``per-tensor``
   (deployable). Reported in the config and in the facts.
