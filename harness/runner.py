@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 import methods
-from harness.calibration import EVAL_SEED_STRIDE, TrajectoryBank, eval_seeds
+from harness.calibration import CALIB_SEED_BASE, EVAL_SEED_STRIDE, TrajectoryBank, eval_seeds
 from harness.generate import generate_samples, make_schedule
 from harness.shards import ShardStore
 from harness.spec import RunSpec
@@ -60,6 +60,12 @@ def _model_spec(spec: RunSpec):
     if spec.model_path is None:
         return get_model(spec.model)
     return at_path(get_model(spec.model), spec.model_path) if spec.model in ZOO else local_model(spec.model_path)
+
+
+def _bank(model, schedule, spec: RunSpec, opts: RunOptions, seed_base: int = CALIB_SEED_BASE) -> TrajectoryBank:
+    """FP trajectories of this run's model and sampler (calibration seeds by default), cached under OUT/cache."""
+    return TrajectoryBank(model, schedule, spec.sampler, spec.eta, opts.cache_dir, opts.device, opts.batch_size,
+                          seed_base=seed_base, model_key=f"{spec.model}:{spec.model_path}")
 
 
 def _quantize(spec: RunSpec, model, bank: TrajectoryBank, rdir: Path):
@@ -133,16 +139,7 @@ def run_one(spec: RunSpec, opts: RunOptions) -> dict:
         torch.manual_seed(spec.seed)
         model = load_model(_model_spec(spec), spec.model_path, opts.device)
         schedule = make_schedule(model, spec.steps, spec.spacing)
-        bank = TrajectoryBank(
-            model,
-            schedule,
-            spec.sampler,
-            spec.eta,
-            opts.cache_dir,
-            opts.device,
-            opts.batch_size,
-            model_key=f"{spec.model}:{spec.model_path}",
-        )
+        bank = _bank(model, schedule, spec, opts)
         t = time.perf_counter()
         denoiser, facts = _quantize(spec, model, bank, rdir)
         results["facts"] = facts
@@ -183,17 +180,7 @@ def run_one(spec: RunSpec, opts: RunOptions) -> dict:
         elif ref_store.complete:
             metrics.update(paired_metrics(images, ref_store.load_all()))
         probe_seed_base = spec.seed * EVAL_SEED_STRIDE
-        probe_bank = TrajectoryBank(
-            model,
-            schedule,
-            spec.sampler,
-            spec.eta,
-            opts.cache_dir,
-            opts.device,
-            opts.batch_size,
-            seed_base=probe_seed_base,
-            model_key=f"{spec.model}:{spec.model_path}",
-        )
+        probe_bank = _bank(model, schedule, spec, opts, seed_base=probe_seed_base)
         probe = probe_bank.trajectories(min(PROBE_IMAGES, spec.num_samples))
         assert eval_seeds(spec.seed, 0, 1)[0] == probe_seed_base  # the probe images are the first eval images
         metrics["paired/eps_mse"] = eps_mse(denoiser, probe, opts.device)

@@ -16,23 +16,9 @@ CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic
                   "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 
 
-def _metrics_ready() -> str | None:
-    try:
-        from models.cifarnet import load_cifarnet
-        from models.reference_stats import reference_stats
-
-        load_cifarnet()
-        reference_stats("cifarnet")
-    except Exception as e:  # noqa: BLE001
-        return f"metrics unavailable ({type(e).__name__}: {str(e)[:150]})"
-    return None
-
 
 @pytest.fixture(scope="module")
 def page(tmp_path_factory) -> Path:
-    reason = _metrics_ready()
-    if reason:
-        pytest.skip(reason)
     from harness.runner import RunOptions
     from harness.spec import expand
     from harness.sweep import run_sweep

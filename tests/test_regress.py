@@ -51,23 +51,9 @@ def test_bad_input_exits_2(tmp_path: Path) -> None:
     assert r.returncode == 2 and "lacks" in r.stderr
 
 
-def _metrics_ready() -> str | None:
-    try:
-        from models.cifarnet import load_cifarnet
-        from models.reference_stats import reference_stats
-
-        load_cifarnet()
-        reference_stats("cifarnet")
-    except Exception as e:  # noqa: BLE001
-        return f"metrics unavailable ({type(e).__name__}: {str(e)[:150]})"
-    return None
-
 
 @pytest.mark.slow
 def test_baseline_passes_and_degraded_config_fails(tmp_path: Path) -> None:
-    reason = _metrics_ready()
-    if reason:
-        pytest.skip(reason)
     from harness.runner import RunOptions
     from harness.spec import expand
     from harness.sweep import run_sweep
