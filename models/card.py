@@ -53,14 +53,17 @@ def render(asset_dir: Path) -> str:
         lines += [f"| {i + 1} | {g['steps']} | {g['batch_size']} | {g['wall_seconds']:.0f} | {g['hardware']} |"
                   for i, g in enumerate(segments)]
         lines.append("")
+    lines += ["Reproduce (same data, same budgets; segment k > 1 adds `--resume`):", "", "```bash"]
+    for i, g in enumerate(segments or [{"wall_seconds": cfg["max_minutes"] * 60, "batch_size": cfg["batch_size"]}]):
+        threads = "1" if "1 threads" in g.get("hardware", "") else "2"
+        lines.append(f"OMP_NUM_THREADS={threads} bench train model tiny-cifar10 --data {data['path']} "
+                     f"--minutes {round(g['wall_seconds'] / 60)} --batch-size {g['batch_size']} --lr {cfg['lr']} "
+                     f"--ema-decay {cfg['ema_decay']}" + (" --resume" if i else ""))
     lines += [
-        "Reproduce (CPU, one thread, same budget):",
-        "",
-        "```bash",
-        f"OMP_NUM_THREADS=1 bench train model tiny-cifar10 --data {data['path']} "
-        f"--minutes {cfg['max_minutes']} --batch-size {cfg['batch_size']} --lr {cfg['lr']} "
-        f"--ema-decay {cfg['ema_decay']}",
         "```",
+        "",
+        "The first segment ran while other jobs shared the 2-core machine, so its steps per minute are",
+        "lower than an idle machine gives.",
         "",
         "Training is bounded by wall time, so the step count depends on the machine; on a GPU the same",
         "command trains far more steps in the same minutes (and should be given at least 20 minutes).",
