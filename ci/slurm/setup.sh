@@ -20,8 +20,13 @@ if [ "$(id -u)" != 0 ]; then
 fi
 
 if timeout 5 sinfo -h -N -o '%T' 2>/dev/null | grep -qE '^(idle|mixed|allocated)'; then
-  log "Slurm already up: $(sinfo -h -N -o '%N %T' | tr '\n' ' ')"
-  exit 0
+  # Up is not enough: submitit needs accounting (sacct) too, or a dead job's wait never ends.
+  if timeout 10 sacct -n -X -o JobID >/dev/null 2>&1; then
+    log "Slurm already up: $(sinfo -h -N -o '%N %T' | tr '\n' ' ')"
+    exit 0
+  fi
+  log "Slurm is up but accounting does not answer: restarting it"
+  bash "$(dirname "$0")/teardown.sh" || true
 fi
 
 need=()
