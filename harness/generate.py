@@ -7,19 +7,18 @@ by any worker in any batch size. Under ``torchrun`` each rank takes every
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
 from harness.calibration import eval_seeds, initial_noise_and_cond
-from harness.sampling import SAMPLERS, Schedule, to_uint8
+from harness.sampling import SAMPLERS, Schedule, make_timesteps, to_uint8
 from harness.shards import ShardStore
 from models.denoiser import Denoiser
 from models.loading import LoadedModel
 
 
 def make_schedule(model: LoadedModel, steps: int, spacing: str, clip_sample: bool | None = None) -> Schedule:
-    from harness.sampling import make_timesteps
-
     sched = model.scheduler
     clip = sched.config.clip_sample if clip_sample is None else clip_sample
     ts = make_timesteps(sched.config.num_train_timesteps, steps, spacing)
@@ -59,8 +58,6 @@ def generate_samples(
                 chunk = seeds[b : b + batch_size]
                 parts.append(sample_images(model, denoiser, schedule, sampler, eta, chunk, device))
                 bar.update(len(chunk))
-            import numpy as np
-
             store.write(k, np.concatenate(parts))
             made += hi - lo
     return made

@@ -51,11 +51,7 @@ def _load() -> None:
         import importlib
 
         for module in _BUILTIN_MODULES:
-            try:
-                importlib.import_module(module)
-            except ModuleNotFoundError as e:  # a built-in not written yet
-                if e.name != module:
-                    raise
+            importlib.import_module(module)
         _BUILTINS_LOADED = True
     if not _PLUGINS_LOADED:
         for ep in entry_points(group=ENTRY_POINT_GROUP):
