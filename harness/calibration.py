@@ -160,7 +160,8 @@ class TrajectoryBank:
         tensors = {"x": traj.x.contiguous(), "eps": traj.eps.contiguous()}
         if traj.cond is not None:
             tensors["cond"] = traj.cond.contiguous()
-        tmp = self.path.with_suffix(".tmp")
+        # a per-process temporary name: concurrent jobs of one array may extend the same bank
+        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
         save_file(tensors, str(tmp))
         os.replace(tmp, self.path)  # atomic: a crash never leaves a half-written bank
 

@@ -7,7 +7,7 @@ writer, see harness/sweep.py).
 * ``local``: in this process, one run after another.
 * ``gpus``: one worker process per visible GPU (``python -m harness.worker`` with
   ``CUDA_VISIBLE_DEVICES`` set to that GPU); a GPU takes the next run as soon as it is free.
-* ``slurm``: one array job per call through submitit (``map_array``), partition, time, GPUs and
+* ``slurm``: one array job per sweep through submitit (``map_array``), partition, time, GPUs and
   array parallelism as options. Each task is :class:`SlurmTask` (submitit ``Checkpointable``):
   on preemption or timeout submitit requeues it and the run resumes from its last complete
   shard. The driver polls the jobs with a bounded wait and mirrors each one as it finishes.

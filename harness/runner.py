@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import copy
 import json
+import os
+import socket
 import time
 import traceback
 from dataclasses import dataclass
@@ -110,9 +112,20 @@ def save_grid(images: np.ndarray, path: Path, n: int = 64) -> None:
     Image.fromarray(grid.permute(1, 2, 0).numpy()).save(path)
 
 
+WORKER_ENV = ("CUDA_VISIBLE_DEVICES", "SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID",
+              "SLURM_RESTART_COUNT", "RANK", "WORLD_SIZE")
+
+
+def worker_environment() -> dict[str, str]:
+    """Where this attempt ran: host, pid and the scheduler variables that are set (GPU pinning,
+    Slurm job and restart count, torchrun rank)."""
+    env = {k: os.environ[k] for k in WORKER_ENV if k in os.environ}
+    return {"host": socket.gethostname(), "pid": str(os.getpid()), **env}
+
+
 def run_one(spec: RunSpec, opts: RunOptions) -> dict:
     """Run (or resume) one spec and return its results; failures are recorded, not raised."""
-    from harness.metrics import compute_metrics, paired_metrics
+    from harness.metrics import compute_metrics
 
     rdir = run_dir(spec, opts.out)
     existing = read_results(rdir)
@@ -129,6 +142,7 @@ def run_one(spec: RunSpec, opts: RunOptions) -> dict:
         },
         "versions": versions(),
         "git_revision": git_revision(),
+        "worker": worker_environment(),
         "timings": {},
         "metrics": {},
         "facts": {},
@@ -173,12 +187,7 @@ def run_one(spec: RunSpec, opts: RunOptions) -> dict:
         metrics = compute_metrics(
             images, extractor=spec.extractor, device=opts.device, inception_weights=opts.inception_weights
         )
-        ref_dir = run_dir(spec.fp_reference(), opts.out)
-        ref_store = ShardStore(ref_dir / "samples", spec.num_samples)
-        if spec.method == "fp":
-            metrics.update(paired_metrics(images, images))
-        elif ref_store.complete:
-            metrics.update(paired_metrics(images, ref_store.load_all()))
+        metrics.update(paired_to_reference(spec, images, opts.out))  # {} while FP is still sampling
         probe_seed_base = spec.seed * EVAL_SEED_STRIDE
         probe_bank = _bank(model, schedule, spec, opts, seed_base=probe_seed_base)
         probe = probe_bank.trajectories(min(PROBE_IMAGES, spec.num_samples))
@@ -194,3 +203,37 @@ def run_one(spec: RunSpec, opts: RunOptions) -> dict:
     results["timings"]["total_seconds"] = time.perf_counter() - t0
     write_json_atomic(rdir / "results.json", results)
     return results
+
+
+def paired_to_reference(spec: RunSpec, images: np.ndarray, out: Path) -> dict[str, float]:
+    """``paired/mse`` and ``paired/psnr`` against the FP run of the same seeds, or ``{}`` while
+    its samples are incomplete (one array job runs both at once; the driver fills them in later
+    with :func:`add_paired_metrics`)."""
+    from harness.metrics import paired_metrics
+
+    if spec.method == "fp":
+        return paired_metrics(images, images)
+    ref = ShardStore(run_dir(spec.fp_reference(), out) / "samples", spec.num_samples)
+    return paired_metrics(images, ref.load_all()) if ref.complete else {}
+
+
+def needs_paired(spec: RunSpec, out: Path) -> bool:
+    """A complete run still without its paired metrics."""
+    res = read_results(run_dir(spec, out))
+    return res is not None and res.get("status") == "complete" and "paired/mse" not in res.get("metrics", {})
+
+
+def add_paired_metrics(spec: RunSpec, out: Path) -> bool:
+    """Driver side: add the paired metrics to a complete run whose FP reference finished after it.
+    Returns whether ``results.json`` was updated (atomically)."""
+    if not needs_paired(spec, out):
+        return False
+    rdir = run_dir(spec, out)
+    res = read_results(rdir)
+    images = ShardStore(rdir / "samples", spec.num_samples).load_all()
+    paired = paired_to_reference(spec, images, out)
+    if not paired:
+        return False
+    res["metrics"].update(paired)
+    write_json_atomic(rdir / "results.json", res)
+    return True

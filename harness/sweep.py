@@ -1,9 +1,11 @@
-"""Run a sweep: skip complete runs, run the rest through an executor, mirror results into MLflow.
+"""Run a sweep: skip complete runs, run the rest through one executor call, mirror results into MLflow.
 
-Order matters once: FP reference runs go first, since the paired metrics of every
-quantized run read the FP samples of the same (model, protocol, seed). The driver is
-the only MLflow writer; it mirrors each run's results.json as soon as the run ends,
-and again (idempotently) on every rerun, so nothing is lost or duplicated.
+All pending runs go to the executor at once (one Slurm array per sweep), FP reference runs
+first in the list. The paired metrics of a quantized run read the FP samples of the same
+(model, protocol, seed); a run that ends before its FP reference has them filled in by the
+driver (:func:`harness.runner.add_paired_metrics`) as soon as the reference finishes, and is
+mirrored then. The driver is the only MLflow writer; it mirrors each run as it is final, and
+again (idempotently) on every rerun, so nothing is lost or duplicated.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from dataclasses import dataclass, field
 
 from tqdm import tqdm
 
-from harness.runner import RunOptions, is_complete, run_dir, run_one
+from harness.runner import RunOptions, add_paired_metrics, is_complete, needs_paired, run_dir, run_one
 from harness.spec import RunSpec
 from harness.tracking import Tracker, read_results
 
@@ -34,7 +36,8 @@ def sweep_hash(specs: list[RunSpec]) -> str:
     return hashlib.sha256(",".join(sorted(s.config_hash for s in specs)).encode()).hexdigest()[:16]
 
 
-# An executor takes the specs still to run and makes their results.json appear on disk.
+# An executor takes the specs still to run and makes their results.json appear on disk,
+# calling on_done(spec) in this process as each one ends.
 # local: in this process, one after another (harness/executors.py adds gpus and slurm).
 Executor = Callable[[list[RunSpec], RunOptions, Callable[[RunSpec], None]], None]
 
@@ -67,14 +70,35 @@ def run_sweep(
     for spec in specs:
         if is_complete(spec, opts.out):
             outcome.skipped.append(spec.run_name)
+            add_paired_metrics(spec, opts.out)  # in case the driver died before filling them in
             trackers[spec.protocol].mirror(run_dir(spec, opts.out), read_results(run_dir(spec, opts.out)))
         else:
             todo.append(spec)
-    fp_first = [s for s in todo if s.method == "fp"]
-    rest = [s for s in todo if s.method != "fp"]
-    for group in (fp_first, rest):
-        if group:
-            executor(group, opts, mirror)
+
+    fp_pending = {s.config_hash for s in todo if s.method == "fp"}
+    waiting: dict[str, list[RunSpec]] = {}  # FP config hash -> runs that ended before it
+
+    def on_done(spec: RunSpec) -> None:
+        if spec.method == "fp":
+            fp_pending.discard(spec.config_hash)
+            mirror(spec)
+            for dep in waiting.pop(spec.config_hash, []):
+                add_paired_metrics(dep, opts.out)
+                mirror(dep)
+            return
+        ref = spec.fp_reference().config_hash
+        if ref in fp_pending and needs_paired(spec, opts.out):
+            waiting.setdefault(ref, []).append(spec)  # mirrored once its FP reference is done
+            return
+        add_paired_metrics(spec, opts.out)
+        mirror(spec)
+
+    todo.sort(key=lambda s: s.method != "fp")  # FP first: sequential executors then need no fill-in
+    if todo:
+        executor(todo, opts, on_done)
+    for deps in waiting.values():  # the FP reference never finished: mirror what exists
+        for dep in deps:
+            mirror(dep)
     for tracker in trackers.values():
         tracker.finish(outcome.ok)
     return outcome

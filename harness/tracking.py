@@ -9,6 +9,7 @@ child run is found again by its ``config_hash`` tag, so a rerun never duplicates
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import platform
@@ -106,10 +107,11 @@ class Tracker:
         """Create or complete the child run of this spec; safe to call again after a crash."""
         config_hash = results["config_hash"]
         run_id = self.child_for(config_hash)
+        state = f"{results['status']}:{_digest(results.get('metrics', {}))}"
         if run_id is not None:
             run = self.client.get_run(run_id)
-            if run.data.tags.get("mirrored_status") == results["status"]:
-                return run_id  # already mirrored in this state
+            if run.data.tags.get("mirrored_state") == state:
+                return run_id  # already mirrored in this state (metrics filled in later are mirrored again)
         spec = results["spec"]
         if run_id is None:
             tags = {"kind": "run", "config_hash": config_hash, "mlflow.parentRunId": self.parent_id}
@@ -137,11 +139,16 @@ class Tracker:
         if results["status"] == "failed":
             self.client.set_tag(run_id, "error", str(results.get("error", ""))[:4000])
         self.client.set_tag(run_id, "mirrored_status", results["status"])
+        self.client.set_tag(run_id, "mirrored_state", state)
         self.client.set_terminated(run_id, "FINISHED" if results["status"] == "complete" else "FAILED")
         return run_id
 
     def finish(self, ok: bool) -> None:
         self.client.set_terminated(self.parent_id, "FINISHED" if ok else "FAILED")
+
+
+def _digest(metrics: dict) -> str:
+    return hashlib.sha256(json.dumps(metrics, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
 def spec_label(spec: dict) -> str:

@@ -83,7 +83,7 @@ class RefStats:
             arrays[f"{k}/features"] = v
         meta = dict(self.meta, extractor=self.extractor, dataset=self.dataset)
         arrays["meta"] = np.array(json.dumps(meta, sort_keys=True))
-        tmp = path.with_name(path.name + ".tmp.npz")
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.npz")  # per process: concurrent jobs share caches
         (np.savez_compressed if compress else np.savez)(tmp, **arrays)
         tmp.replace(path)
         self.path = str(path)
