@@ -5,6 +5,10 @@ space and is *not* comparable with a published (Inception) FID. Inception metric
 only when an Inception weights file is available (``inception_weights=`` or torch-fidelity's hub
 cache file); ``clean_fid/inception`` additionally needs clean-fid's TorchScript file in ``/tmp``.
 
+:func:`compute_metrics` is two steps: :func:`sample_features` (every feature array the metrics need,
+one row per image) then :func:`metrics_from_features`; torchrun ranks run the first step on their
+own shards and rank 0 the second on the gathered features (:mod:`harness.distributed`).
+
 * FID, IS, KID: torch-fidelity's own metric functions (``fid_statistics_to_metric``,
   ``isc_features_to_metric``, ``kid_features_to_metric``) on features extracted by the extractor
   registered with torch-fidelity (``"cifarnet"``, ``"inception-v3-sfid"``) through torch-fidelity's
@@ -113,13 +117,14 @@ def _as_numpy(x) -> np.ndarray:
     return x.detach().cpu().numpy() if torch.is_tensor(x) else np.asarray(x)
 
 
-def check_images(x: np.ndarray, what: str = "samples", square32: bool = False) -> None:
+def check_images(x: np.ndarray, what: str = "samples", square32: bool = False, min_images: int = 2) -> None:
+    """Raise ``ValueError`` unless ``x`` is uint8 ``[N,3,H,W]`` (32x32 if ``square32``) with ``N >= min_images``."""
     if x.dtype != np.uint8 or x.ndim != 4 or x.shape[1] != 3:
         raise ValueError(f"{what} must be a uint8 array [N,3,H,W]; got {x.dtype} {tuple(x.shape)}")
     if square32 and tuple(x.shape[2:]) != (32, 32):
         raise ValueError(f"{what}: CifarNet takes 32x32 images; got {tuple(x.shape[2:])}")
-    if len(x) < 2:
-        raise ValueError(f"{what}: need at least 2 images, got {len(x)}")
+    if len(x) < min_images:
+        raise ValueError(f"{what}: need at least {min_images} images, got {len(x)}")
 
 
 # --------------------------------------------------------------------------- torch-fidelity extractors
@@ -472,13 +477,20 @@ def _is_tf(logits: np.ndarray) -> float:
     )
 
 
-def _network_metrics(samples, extractor, ref, device, batch_size, inception_weights, kid_subsets) -> dict:
+# Feature arrays :func:`sample_features` returns, keyed ``<network>/<layer>``.
+CIFARNET_FEATURES = tuple(f"cifarnet/{layer}" for layer in ALL_LAYERS["cifarnet"])
+INCEPTION_FEATURES = tuple(f"inception/{layer}" for layer in ALL_LAYERS["inception"])
+CLEANFID_CIFARNET = "cifarnet/clean_fid"  # CifarNet ``pool`` through clean-fid's PNG pipeline (no resize)
+CLEANFID_INCEPTION = "clean-fid-inception/pool"  # clean-fid's TorchScript Inception pipeline
+FEATURE_KEYS = (*CIFARNET_FEATURES, CLEANFID_CIFARNET, *INCEPTION_FEATURES, CLEANFID_INCEPTION)
+
+
+def _network_metrics(features: dict, net: str, ref, kid_subsets: int) -> dict:
+    """FID, IS, sFID, KID (+ std) of ``net``'s features against ``ref`` (layers: ``LAYERS[net]``)."""
     from models.reference_stats import LAYERS
 
-    net = "cifarnet" if extractor == "cifarnet" else "inception"
-    lay = LAYERS[extractor]
-    layers = sorted({lay["fid"], lay["kid"], lay["isc"], lay["sfid"]})
-    f = extract_features(samples, extractor, layers, device, batch_size, inception_weights)
+    lay = LAYERS[net]
+    f = {layer: features[f"{net}/{layer}"] for layer in ALL_LAYERS[net]}
     out = {
         f"fid/{net}": _fid_tf(feature_statistics(f[lay["fid"]]), ref.stats(lay["fid"])),
         f"is/{net}": _is_tf(f[lay["isc"]]),
@@ -489,8 +501,117 @@ def _network_metrics(samples, extractor, ref, device, batch_size, inception_weig
     return out
 
 
+def _clean_fid(features: np.ndarray, ref) -> float:
+    """``cleanfid.fid.frechet_distance`` of the features' Gaussian fit vs the reference ``pool`` statistics."""
+    from cleanfid.fid import frechet_distance as cfid_frechet
+
+    st, pool = feature_statistics(features), ref.stats("pool")
+    return float(cfid_frechet(st["mu"], st["sigma"], pool["mu"], pool["sigma"]))
+
+
 def _ref_pair(b: dict) -> dict:
     return {"mu2": b["mu"], "sigma2": b["sigma"]}
+
+
+def _inception_weights(inception_weights: str | None) -> str | None:
+    """Validated Inception weights: the given file, else torch-fidelity's hub cache file, else ``None``."""
+    if inception_weights is not None:
+        return str(validate_inception_weights(inception_weights))
+    if hub_inception_path().is_file():
+        return str(validate_inception_weights(hub_inception_path()))
+    return None
+
+
+def _check_features(features) -> int:
+    """Validate a :func:`sample_features` dict; returns its number of images."""
+    unknown = set(features) - set(FEATURE_KEYS)
+    missing = [k for k in CIFARNET_FEATURES if k not in features]
+    partial = [k for k in INCEPTION_FEATURES if k not in features] if set(INCEPTION_FEATURES) & set(features) else []
+    if unknown or missing or partial:
+        raise ValueError(
+            f"features: unknown keys {sorted(unknown)}, missing {missing + partial}; expected keys from {FEATURE_KEYS}"
+        )
+    rows = {k: np.shape(v) for k, v in features.items()}
+    n = {s[0] if len(s) == 2 else -1 for s in rows.values()}
+    if len(n) != 1 or min(n) < 2:
+        raise ValueError(f"features must be [N, D] arrays with the same N >= 2; got {rows}")
+    return n.pop()
+
+
+def sample_features(
+    samples: np.ndarray,
+    extractor: str = "cifarnet",
+    device: str = "cpu",
+    inception_weights: str | None = None,
+    batch_size: int = 256,
+    *,
+    clean_fid: bool = True,
+) -> dict[str, np.ndarray]:
+    """Every feature array the metrics of uint8 ``samples`` ``[N,3,32,32]`` need, float32 ``[N, D]`` in image order.
+
+    Keys: ``cifarnet/pool``, ``cifarnet/logits``, ``cifarnet/spatial`` (the registered torch-fidelity
+    extractor); ``cifarnet/clean_fid`` (CifarNet ``pool`` through clean-fid's pipeline) if ``clean_fid``;
+    ``inception/2048``, ``inception/logits_unbiased``, ``inception/spatial`` when Inception weights are
+    given or in torch-fidelity's hub cache; ``clean-fid-inception/pool`` when, in addition, ``clean_fid``
+    and clean-fid's TorchScript file is in ``/tmp``. Row ``i`` depends on image ``i`` only, so the
+    features of a split set, concatenated, are those of the whole set up to float round-off.
+    """
+    if extractor != "cifarnet":
+        raise ValueError(f"unknown extractor {extractor!r}: only 'cifarnet' (+ Inception when weights exist)")
+    samples = _as_numpy(samples)
+    check_images(samples, "samples", square32=True, min_images=1)
+    weights = _inception_weights(inception_weights)  # fail before any work
+
+    f = extract_features(samples, "cifarnet", ALL_LAYERS["cifarnet"], device, batch_size)
+    out = {f"cifarnet/{layer}": v for layer, v in f.items()}
+    if clean_fid:
+        out[CLEANFID_CIFARNET] = _cleanfid_features(
+            samples, _cifarnet_cleanfid_fn(device), device, batch_size, resize=False
+        )
+    if weights is not None:
+        f = extract_features(samples, "inception", ALL_LAYERS["inception"], device, batch_size, weights)
+        out.update({f"inception/{layer}": v for layer, v in f.items()})
+        if clean_fid and CLEANFID_TORCHSCRIPT.is_file():
+            out[CLEANFID_INCEPTION] = _cleanfid_features(
+                samples, _cleanfid_inception(device), device, batch_size, resize=True
+            )
+    return out
+
+
+def metrics_from_features(
+    features: dict[str, np.ndarray],
+    reference=None,
+    device: str = "cpu",
+    inception_weights: str | None = None,
+    batch_size: int = 256,
+    *,
+    cache_dir: str | None = None,
+    kid_subsets: int = 100,
+) -> dict[str, float]:
+    """The :func:`compute_metrics` dict from :func:`sample_features` output (any concatenation of it).
+
+    Computes the ``*/cifarnet`` metrics; ``clean_fid/cifarnet`` when ``cifarnet/clean_fid`` is present;
+    the ``*/inception`` ones when ``inception/*`` features are present; ``clean_fid/inception`` when
+    ``clean-fid-inception/pool`` is present and its reference statistics are available (else a
+    warning). ``reference`` as in :func:`compute_metrics`; ``device``, ``inception_weights`` (those
+    the features were extracted with) and ``batch_size`` serve only to compute reference-image statistics.
+    """
+    _check_features(features)
+    ref = _resolve_reference(reference, "cifarnet", device, batch_size, None, cache_dir)
+    out = _network_metrics(features, "cifarnet", ref, kid_subsets)
+    if CLEANFID_CIFARNET in features:
+        out["clean_fid/cifarnet"] = _clean_fid(features[CLEANFID_CIFARNET], ref)
+    if INCEPTION_FEATURES[0] in features:
+        ref_i = _resolve_reference(reference, "inception", device, batch_size, inception_weights, cache_dir)
+        out.update(_network_metrics(features, "inception", ref_i, kid_subsets))
+        if CLEANFID_INCEPTION in features:
+            try:
+                ref_c = _resolve_reference(reference, "clean-fid-inception", device, batch_size, None, cache_dir)
+            except FileNotFoundError as e:
+                warnings.warn(f"clean_fid/inception skipped: {e}", stacklevel=2)
+            else:
+                out["clean_fid/inception"] = _clean_fid(features[CLEANFID_INCEPTION], ref_c)
+    return out
 
 
 def compute_metrics(
@@ -507,6 +628,8 @@ def compute_metrics(
 ) -> dict[str, float]:
     """Metrics of uint8 ``samples`` ``[N,3,H,W]`` against a reference set, keyed ``<metric>/<network>``.
 
+    ``metrics_from_features(sample_features(samples, ...), reference, ...)``.
+
     ``reference``: ``None`` (shipped CIFAR-10 test statistics through CifarNet; Inception ones from
     the cache), a :class:`models.reference_stats.RefStats`, a dict ``{extractor: RefStats}``, or a
     uint8 array of reference images (statistics computed and cached per extractor).
@@ -521,36 +644,8 @@ def compute_metrics(
         raise ValueError(f"unknown extractor {extractor!r}: only 'cifarnet' (+ Inception when weights exist)")
     samples = _as_numpy(samples)
     check_images(samples, "samples", square32=True)
-    weights = None
-    if inception_weights is not None:
-        weights = str(validate_inception_weights(inception_weights))  # fail before any work
-    elif hub_inception_path().is_file():
-        weights = str(validate_inception_weights(hub_inception_path()))
-
-    ref = _resolve_reference(reference, "cifarnet", device, batch_size, None, cache_dir)
-    out = _network_metrics(samples, "cifarnet", ref, device, batch_size, None, kid_subsets)
-    if clean_fid:
-        from cleanfid.fid import frechet_distance as cfid_frechet
-
-        feats = _cleanfid_features(samples, _cifarnet_cleanfid_fn(device), device, batch_size, resize=False)
-        st = feature_statistics(feats)
-        pool = ref.stats("pool")
-        out["clean_fid/cifarnet"] = float(cfid_frechet(st["mu"], st["sigma"], pool["mu"], pool["sigma"]))
-
-    if weights is not None:
-        ref_i = _resolve_reference(reference, "inception", device, batch_size, weights, cache_dir)
-        out.update(_network_metrics(samples, "inception", ref_i, device, batch_size, weights, kid_subsets))
-        if clean_fid and CLEANFID_TORCHSCRIPT.is_file():
-            try:
-                ref_c = _resolve_reference(reference, "clean-fid-inception", device, batch_size, None, cache_dir)
-            except FileNotFoundError as e:
-                warnings.warn(f"clean_fid/inception skipped: {e}", stacklevel=2)
-            else:
-                from cleanfid.fid import frechet_distance as cfid_frechet
-
-                feats = _cleanfid_features(samples, _cleanfid_inception(device), device, batch_size, resize=True)
-                st = feature_statistics(feats)
-                out["clean_fid/inception"] = float(
-                    cfid_frechet(st["mu"], st["sigma"], ref_c.stats("pool")["mu"], ref_c.stats("pool")["sigma"])
-                )
-    return out
+    weights = _inception_weights(inception_weights)  # fail before any work
+    features = sample_features(samples, extractor, device, weights, batch_size, clean_fid=clean_fid)
+    return metrics_from_features(
+        features, reference, device, weights, batch_size, cache_dir=cache_dir, kid_subsets=kid_subsets
+    )

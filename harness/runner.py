@@ -123,23 +123,14 @@ def worker_environment() -> dict[str, str]:
     return {"host": socket.gethostname(), "pid": str(os.getpid()), **env}
 
 
-def run_one(spec: RunSpec, opts: RunOptions) -> dict:
-    """Run (or resume) one spec and return its results; failures are recorded, not raised."""
-    from harness.metrics import compute_metrics
-
-    rdir = run_dir(spec, opts.out)
-    existing = read_results(rdir)
-    if existing and existing.get("status") == "complete":
-        return existing
-    rdir.mkdir(parents=True, exist_ok=True)
+def new_results(spec: RunSpec, rdir: Path) -> dict:
+    """The ``results.json`` skeleton of one attempt (also writes ``spec.json``)."""
     (rdir / "spec.json").write_text(json.dumps(spec.to_dict(), indent=2, sort_keys=True))
-    results = {
+    first = spec.seed * EVAL_SEED_STRIDE
+    return {
         "spec": spec.to_dict(),
         "config_hash": spec.config_hash,
-        "seeds": {
-            "eval": f"{spec.seed * EVAL_SEED_STRIDE}..{spec.seed * EVAL_SEED_STRIDE + spec.num_samples - 1}",
-            "run_seed": spec.seed,
-        },
+        "seeds": {"eval": f"{first}..{first + spec.num_samples - 1}", "run_seed": spec.seed},
         "versions": versions(),
         "git_revision": git_revision(),
         "worker": worker_environment(),
@@ -148,6 +139,34 @@ def run_one(spec: RunSpec, opts: RunOptions) -> dict:
         "facts": {},
         "status": "running",
     }
+
+
+def score(spec: RunSpec, opts: RunOptions, model, schedule, denoiser, images: np.ndarray,
+          features: dict[str, np.ndarray] | None = None) -> dict[str, float]:
+    """Every metric of a run: the extractor metrics (from ``features`` when the ranks of a torchrun
+    job extracted them, else from ``images``), the paired metrics against FP, and paired/eps_mse."""
+    from harness.metrics import metrics_from_features, sample_features
+
+    if features is None:
+        features = sample_features(images, spec.extractor, opts.device, opts.inception_weights)
+    metrics = metrics_from_features(features, device=opts.device, inception_weights=opts.inception_weights)
+    metrics.update(paired_to_reference(spec, images, opts.out))  # {} while FP is still sampling
+    probe_seed_base = spec.seed * EVAL_SEED_STRIDE
+    probe_bank = _bank(model, schedule, spec, opts, seed_base=probe_seed_base)
+    probe = probe_bank.trajectories(min(PROBE_IMAGES, spec.num_samples))
+    assert eval_seeds(spec.seed, 0, 1)[0] == probe_seed_base  # the probe images are the first eval images
+    metrics["paired/eps_mse"] = eps_mse(denoiser, probe, opts.device)
+    return metrics
+
+
+def run_one(spec: RunSpec, opts: RunOptions) -> dict:
+    """Run (or resume) one spec and return its results; failures are recorded, not raised."""
+    rdir = run_dir(spec, opts.out)
+    existing = read_results(rdir)
+    if existing and existing.get("status") == "complete":
+        return existing
+    rdir.mkdir(parents=True, exist_ok=True)
+    results = new_results(spec, rdir)
     t0 = time.perf_counter()
     try:
         torch.manual_seed(spec.seed)
@@ -184,15 +203,7 @@ def run_one(spec: RunSpec, opts: RunOptions) -> dict:
         save_grid(images, rdir / "samples_grid.png")
 
         t = time.perf_counter()
-        metrics = compute_metrics(
-            images, extractor=spec.extractor, device=opts.device, inception_weights=opts.inception_weights
-        )
-        metrics.update(paired_to_reference(spec, images, opts.out))  # {} while FP is still sampling
-        probe_seed_base = spec.seed * EVAL_SEED_STRIDE
-        probe_bank = _bank(model, schedule, spec, opts, seed_base=probe_seed_base)
-        probe = probe_bank.trajectories(min(PROBE_IMAGES, spec.num_samples))
-        assert eval_seeds(spec.seed, 0, 1)[0] == probe_seed_base  # the probe images are the first eval images
-        metrics["paired/eps_mse"] = eps_mse(denoiser, probe, opts.device)
+        metrics = score(spec, opts, model, schedule, denoiser, images)
         results["timings"]["metric_seconds"] = time.perf_counter() - t
         results["metrics"] = metrics
         results["status"] = "complete"
