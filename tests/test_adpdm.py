@@ -160,3 +160,39 @@ def test_weight_recon_uses_adaround_from_the_engine(setup, tmp_path):
     rtn_w = {n: ly.quantized_weight() for n, ly in quant_layers(plain.denoiser.unet).items()}
     assert any(not torch.equal(ly.quantized_weight(), rtn_w[n]) for n, ly in layers.items())  # rounding moved
     assert torch.isfinite(_sample(res.denoiser, m, sch)).all()
+
+
+@pytest.mark.parametrize("method", ["adpdm", "tdq"])
+def test_weights_follow_rtn_by_default_and_official_grid_on_request(setup, tmp_path, method):
+    """Default: per-channel asymmetric min-max RTN, i.e. exactly the ``rtn`` baseline's weights, so the
+    row differs from RTN only in its activations. ``weight_symmetric=True``: a symmetric grid (the
+    official APQ-DM rule), whose per-channel step is max|w| / (2^(b-1) - 1) (hand-checked here)."""
+    import dataclasses
+
+    import methods
+
+    m, sch, bank = setup
+    bits = BitConfig(4, 8)
+    cls = methods.get(method)
+    fast = cls.config_cls.from_preset("fast")
+    small = dict(calib_images=2, batch_size=2) if method == "adpdm" else dict(calib_images=2, calib_steps=2, iters=2)
+    rtn_cls = methods.get("rtn")
+    rtn = rtn_cls(rtn_cls.config_cls.from_preset("fast")).quantize(
+        m.denoiser.with_unet(copy.deepcopy(m.denoiser.unet)), bank, bits, UNIFORM, tmp_path / "rtn")
+    rtn_w = {n: ly.quantized_weight() for n, ly in quant_layers(rtn.denoiser.unet).items()}
+
+    for symmetric in (False, True):
+        cfg = dataclasses.replace(fast, weight_symmetric=symmetric, **small)
+        res = cls(cfg).quantize(m.denoiser.with_unet(copy.deepcopy(m.denoiser.unet)), bank, bits, UNIFORM,
+                                tmp_path / f"{method}{symmetric}")
+        layers = quant_layers(res.denoiser.unet)
+        assert res.facts["weights"].startswith("per-channel " + ("symmetric" if symmetric else "asymmetric"))
+        assert all(ly.weight_quantizer.symmetric == symmetric for ly in layers.values())
+        if not symmetric:
+            assert all(torch.equal(ly.quantized_weight(), rtn_w[n]) for n, ly in layers.items())
+        else:
+            name, ly = next((n, ly) for n, ly in layers.items() if ly.module.weight.dim() == 4 and ly.w_bits == 4)
+            w = ly.module.weight.detach()
+            step = w.abs().amax(dim=(1, 2, 3)).view(-1, 1, 1, 1) / 7  # 4 bits: levels -8..7
+            expected = torch.round(w / step).clamp(-8, 7) * step
+            assert torch.allclose(ly.quantized_weight(), expected, atol=1e-6), name
