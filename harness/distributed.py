@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import os
 import time
-import traceback
 from dataclasses import replace
 
 import numpy as np
@@ -27,7 +26,17 @@ import torch.distributed as dist
 
 from harness.generate import generate_samples, make_schedule
 from harness.metrics import sample_features
-from harness.runner import RunOptions, _bank, _model_spec, _quantize, new_results, run_dir, save_grid, score
+from harness.runner import (
+    RunOptions,
+    _bank,
+    _model_spec,
+    _quantize,
+    new_results,
+    record_failure,
+    run_dir,
+    save_grid,
+    score,
+)
 from harness.shards import ShardStore
 from harness.spec import RunSpec
 from harness.tracking import read_results, write_json_atomic
@@ -70,6 +79,7 @@ def gather_features(
     store: ShardStore,
     rank: int,
     world: int,
+    extractor: str = "cifarnet",
     device: str = "cpu",
     inception_weights: str | None = None,
     failed: BaseException | None = None,
@@ -88,7 +98,7 @@ def gather_features(
     if error is None and shards:
         try:
             images = [np.load(store.path(k))["images"] for k in shards]  # FileNotFoundError: shard not made
-            feats = sample_features(np.concatenate(images), device=device, inception_weights=inception_weights)
+            feats = sample_features(np.concatenate(images), extractor, device, inception_weights)
             ends = np.cumsum([len(x) for x in images])
             mine = {k: {name: f[end - len(x) : end] for name, f in feats.items()}
                     for k, x, end in zip(shards, images, ends)}
@@ -129,7 +139,7 @@ def run_distributed(spec: RunSpec, opts: RunOptions) -> dict | None:
     """Run one spec across the ranks of a torchrun job; returns the results on rank 0, None elsewhere."""
     t0 = time.perf_counter()
     rank, world, device = init(opts.device)
-    opts = replace(opts, device=device, rank=rank, world=world)
+    opts = replace(opts, device=device)
     rdir = run_dir(spec, opts.out)
     existing = read_results(rdir)
     if existing and existing.get("status") == "complete":
@@ -175,7 +185,7 @@ def run_distributed(spec: RunSpec, opts: RunOptions) -> dict | None:
     total_made = gather_count(made)
     t = time.perf_counter()
     try:  # collective on every rank; raises on rank 0 only
-        gathered = gather_features(store, rank, world, device, opts.inception_weights, failed=error)
+        gathered = gather_features(store, rank, world, spec.extractor, device, opts.inception_weights, failed=error)
     except Exception as e:
         gathered, error = None, error or e  # rank 0's own earlier error keeps its traceback
     if rank != 0:
@@ -203,9 +213,7 @@ def run_distributed(spec: RunSpec, opts: RunOptions) -> dict | None:
         results["facts"]["feature_shards_by_rank"] = {str(r): shards for r, shards in by_rank.items()}
         results["status"] = "complete"
     except Exception as e:  # recorded, as run_one does
-        results["status"] = "failed"
-        results["error"] = f"{type(e).__name__}: {e}"
-        results["traceback"] = "".join(traceback.format_exception(e))
+        record_failure(results, e)
     results["facts"]["images_generated_this_attempt"] = total_made
     results["facts"]["world_size"] = world
     results["timings"]["total_seconds"] = time.perf_counter() - t0

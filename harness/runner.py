@@ -41,8 +41,6 @@ class RunOptions:
     device: str = "cpu"
     batch_size: int = 64
     inception_weights: str | None = None
-    rank: int = 0
-    world: int = 1
 
     @property
     def cache_dir(self) -> Path:
@@ -159,6 +157,13 @@ def score(spec: RunSpec, opts: RunOptions, model, schedule, denoiser, images: np
     return metrics
 
 
+def record_failure(results: dict, error: BaseException) -> None:
+    """Mark an attempt failed, with the error and its traceback (the sweep goes on)."""
+    results["status"] = "failed"
+    results["error"] = f"{type(error).__name__}: {error}"
+    results["traceback"] = "".join(traceback.format_exception(error))
+
+
 def run_one(spec: RunSpec, opts: RunOptions) -> dict:
     """Run (or resume) one spec and return its results; failures are recorded, not raised."""
     rdir = run_dir(spec, opts.out)
@@ -191,14 +196,10 @@ def run_one(spec: RunSpec, opts: RunOptions) -> dict:
             store,
             opts.device,
             opts.batch_size,
-            opts.rank,
-            opts.world,
             desc=f"{spec.method} {spec.bits}",
         )
         results["timings"]["sample_seconds"] = time.perf_counter() - t
         results["facts"]["images_generated_this_attempt"] = made
-        if opts.world > 1 and opts.rank != 0:
-            return results  # rank 0 scores once every shard is in
         images = store.load_all()
         save_grid(images, rdir / "samples_grid.png")
 
@@ -208,9 +209,7 @@ def run_one(spec: RunSpec, opts: RunOptions) -> dict:
         results["metrics"] = metrics
         results["status"] = "complete"
     except Exception as e:  # recorded; the sweep goes on
-        results["status"] = "failed"
-        results["error"] = f"{type(e).__name__}: {e}"
-        results["traceback"] = traceback.format_exc()
+        record_failure(results, e)
     results["timings"]["total_seconds"] = time.perf_counter() - t0
     write_json_atomic(rdir / "results.json", results)
     return results
@@ -230,17 +229,20 @@ def paired_to_reference(spec: RunSpec, images: np.ndarray, out: Path) -> dict[st
 
 def needs_paired(spec: RunSpec, out: Path) -> bool:
     """A complete run still without its paired metrics."""
-    res = read_results(run_dir(spec, out))
+    return _lacks_paired(read_results(run_dir(spec, out)))
+
+
+def _lacks_paired(res: dict | None) -> bool:
     return res is not None and res.get("status") == "complete" and "paired/mse" not in res.get("metrics", {})
 
 
 def add_paired_metrics(spec: RunSpec, out: Path) -> bool:
     """Driver side: add the paired metrics to a complete run whose FP reference finished after it.
     Returns whether ``results.json`` was updated (atomically)."""
-    if not needs_paired(spec, out):
-        return False
     rdir = run_dir(spec, out)
     res = read_results(rdir)
+    if not _lacks_paired(res):
+        return False
     images = ShardStore(rdir / "samples", spec.num_samples).load_all()
     paired = paired_to_reference(spec, images, out)
     if not paired:
