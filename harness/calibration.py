@@ -2,7 +2,7 @@
 
 Every method draws its calibration data from here with its own timestep strategy
 (uniform intervals, NDTC, ADP-DM's entropy rounds), so no method needs its own
-generator (methods-reference Sec. 12, complaint 5). Trajectories are cached on disk
+generator (docs/protocols.md, "Calibration data"). Trajectories are cached on disk
 (safetensors) under a key hashed from (model, sampler, steps, spacing, eta, seed
 domain); asking for more images than are cached extends the file, so the first n
 images are the same whatever n was asked first.

@@ -2,7 +2,7 @@
 
 Wang et al., "Towards Accurate Post-training Quantization for Diffusion Models", CVPR 2024
 (arXiv 2305.18723; v1 "... Data-free Quantization ..." = ADP-DM). The paper and the code
-differ (``docs/methods-reference.md`` Sec. 1.3); this row is the code, and each point below
+differ (``docs/methods/adpdm.md``); this row is the code, and each point below
 says which source it follows:
 
 * **Activation groups** (paper: timesteps' quantization functions grouped by importance

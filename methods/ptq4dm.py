@@ -1,7 +1,7 @@
 """``ptq4dm``: PTQ4DM (Shang, Yuan, Xie, Wu, Yan, "Post-training Quantization on Diffusion Models",
 CVPR 2023; code ``42Shawn/PTQ4DM``, script ``quant_sample_ddim_in_backward_DNTC.sh``).
 
-Algorithm (methods-reference Sec. 2):
+Algorithm (docs/methods/ptq4dm.md):
 
 1. **NDTC calibration**: ``num_samples`` (paper: 1,024) samples; sample i draws a respaced
    timestep index tau_i ~ N(mean * S, std * S) (mean = std = 0.4 of the S sampler steps, as the

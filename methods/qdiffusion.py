@@ -1,7 +1,7 @@
 """``qdiffusion``: Q-Diffusion (Li, Liu, Lian, Yang, Dong, Kang, Zhang, Keutzer, "Q-Diffusion: Quantizing
 Diffusion Models", ICCV 2023; code ``Xiuyu-Li/q-diffusion``).
 
-Algorithm (methods-reference Sec. 3):
+Algorithm (docs/methods/qdiffusion.md):
 
 1. **Time-step-aware calibration**: x_t (and t, conditioning) at ``calib_steps`` fixed-interval
    steps of FP sampling trajectories of ``calib_images`` seeds (paper: 256 x 20 = 5,120).

@@ -1,7 +1,7 @@
 """``tdq``: Temporal Dynamic Quantization (So et al., NeurIPS 2023), PTQ form.
 
-What follows the paper's description (secondary summaries, ``docs/methods-reference.md``
-Sec. 4; the paper PDF and an official release were not verified):
+What follows the paper's description (secondary summaries, ``docs/methods/tdq.md``;
+the paper PDF and an official release were not verified):
 
 * each activation quantizer gets a small MLP mapping a sinusoidal (geometric Fourier)
   encoding of the timestep ``t`` to its **step size**; the interval depends on ``t`` only,

@@ -26,7 +26,7 @@ from tqdm import tqdm
 from models.cifar10 import load_cifar10
 from models.registry import TINY_UNET_CONFIG
 
-# The scheduler of google/ddpm-cifar10-32 (metrics-reference Sec. 8).
+# The scheduler of google/ddpm-cifar10-32 (docs/protocols.md, "Schedulers").
 DDPM_CIFAR10_SCHEDULER = dict(
     num_train_timesteps=1000,
     beta_schedule="linear",

@@ -1,7 +1,7 @@
 """The paper zoo: the models the PTQ papers evaluate, each with its published protocol.
 
 Imported at the end of :mod:`models.registry`, so every entry is in ``ZOO``. Sources
-(methods-reference Sec. 8 and 11; docs/zoo.md has the details and conversion recipes):
+(docs/protocols.md; docs/zoo.md has the details and conversion recipes):
 
 * ``ddpm-cifar10``: google/ddpm-cifar10-32 (hub), pixel; DDIM 100, eta 0, quad; 50k vs CIFAR-10 train.
 * ``ddpm-church`` / ``ddpm-bedroom``: google/ddpm-{church,bedroom}-256 (hub), pixel; DDIM 100, eta 0.

@@ -5,7 +5,7 @@ Wang et al., "Towards Accurate Post-training Quantization for Diffusion Models"
 (Fig. 2) describes activations quantized in parallel by all groups' functions, the output
 being the importance-weighted sum, with the weights found by differentiable search and an
 entropy regulariser. Everything below follows the *official code* where the paper is silent
-(see ``docs/methods-reference.md`` Sec. 1.2), as noted per function.
+(see ``docs/methods/adpdm.md``), as noted per function.
 
 :class:`GroupMixtureQuantizer` (one per quantized layer input):
 

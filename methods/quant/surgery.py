@@ -55,7 +55,7 @@ UNIFORM = Scope("uniform")
 
 @dataclass
 class QuantSummary:
-    """Coverage report (methods-reference Sec. 12, complaint 8): the bits of every layer."""
+    """Coverage report (docs/methods/README.md, "Coverage report"): the bits of every layer."""
 
     layers: dict[str, str] = field(default_factory=dict)  # name -> "w4a8"
     fp_layers: list[str] = field(default_factory=list)  # conv/linear left in full precision
