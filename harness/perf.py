@@ -139,8 +139,7 @@ def _fast_options(cfg: PerfConfig, device: str) -> tuple[str, bool]:
 
 def metric_throughput(device: str, n: int, batch_size: int) -> dict[str, float]:
     """CifarNet feature extraction (the metrics' network) on ``n`` random 32x32 uint8 images."""
-    from harness.metrics import extract_features
-    from models.reference_stats import LAYERS
+    from harness.metrics import LAYERS, extract_features
 
     images = np.random.default_rng(0).integers(0, 256, (n, 3, 32, 32), dtype=np.uint8)
     layers = sorted(set(LAYERS["cifarnet"].values()))

@@ -9,8 +9,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from harness.metrics.reference import SHIPPED, RefStats, features_sha256, reference_stats
 from models.cifarnet import DEFAULT_ASSET_DIR, CifarNet, load_cifarnet, num_params
-from models.reference_stats import SHIPPED, RefStats, features_sha256, reference_stats
 
 
 def _uint8(n: int, seed: int = 0) -> torch.Tensor:

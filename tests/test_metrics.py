@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from helpers_inception import random_inception_weights
 
 from harness import metrics as M
 
@@ -132,7 +133,7 @@ def test_rejects_bad_samples():
 
 # --------------------------------------------------------------------------- Inception path
 def test_inception_random_init_weights_end_to_end(tmp_path):
-    weights = M.random_inception_weights(tmp_path / "inception-random.pth", seed=0)
+    weights = random_inception_weights(tmp_path / "inception-random.pth", seed=0)
     assert M.validate_inception_weights(weights) == weights
     feats = M.extract_features(
         _images(2, 3), "inception", ["2048", "logits_unbiased", "spatial"], inception_weights=str(weights)
