@@ -15,6 +15,10 @@ What this adds to a plain pixel-space UNet:
   (``EXTRAS[name]["null_class"]``, else the last embedding) is ``Denoiser.uncond``.
 * the ``miniature`` source kind: random-init networks built from :func:`models.zoo.miniature`
   (seeded, so every process builds the same network).
+* directories written by ``bench convert compvis`` (:mod:`models.convert_compvis`, marked by
+  ``compvis.json``): :func:`load_compvis_dir` reads the components, applies the recorded
+  attention heads and latent scale, and wraps a class-conditional cross-attention UNet
+  (cin256) as :class:`ClassConditionedUNet`, whose class embedding feeds the cross-attention.
 
 With guidance the Denoiser runs (uncond, cond) as one UNet batch inside the sampler's one
 timestep context, so both halves see the same per-step quantizer parameters.
@@ -167,6 +171,80 @@ def make_decode(autoencoder: nn.Module, latent_scale: float, batch_size: int = D
     return decode
 
 
+# ---- converted CompVis directories (bench convert compvis) --------------------------------------------------
+
+COMPVIS_RECORD = "compvis.json"
+
+
+class ClassConditionedUNet(UNet2DConditionModel):
+    """A ``UNet2DConditionModel`` conditioned on a class through cross-attention, as CompVis ``cin256``.
+
+    ``class_embedder`` (``nn.Embedding(n_classes, cross_attention_dim)``, attached after loading) maps a
+    label to a length-1 context: ``forward(x, t, class_labels=y)`` runs the UNet with
+    ``encoder_hidden_states = class_embedder(y)[:, None]``. Module names are those of the plain UNet
+    (``conv_in``, ``down_blocks...``), so quantization scopes apply unchanged; the embedding table is not
+    a Conv2d/Linear, so it stays in full precision like CompVis' ``cond_stage_model``.
+    """
+
+    class_embedder: nn.Embedding
+
+    def forward(self, sample, timestep, encoder_hidden_states=None, class_labels=None, **kwargs):
+        if encoder_hidden_states is None:
+            if class_labels is None:
+                raise ValueError("ClassConditionedUNet needs class_labels (or encoder_hidden_states)")
+            encoder_hidden_states = self.class_embedder(class_labels.to(sample.device).long())[:, None, :]
+            encoder_hidden_states = encoder_hidden_states.to(sample.dtype)
+        return super().forward(sample, timestep, encoder_hidden_states, **kwargs)
+
+
+def apply_attention_heads(unet: nn.Module, heads: dict[str, int]) -> None:
+    """Set the head count of self-attention layers whose head width differs per level (see convert_compvis)."""
+    for name, n in heads.items():
+        attn = unet.get_submodule(name)
+        if attn.inner_dim % int(n):
+            raise ModelLoadError(f"{name}: {attn.inner_dim} channels do not split into {n} heads")
+        attn.heads = attn.sliceable_head_dim = int(n)
+        attn.scale = (attn.inner_dim // int(n)) ** -0.5
+
+
+def compvis_record(location: str | Path) -> dict | None:
+    """The conversion record of a ``bench convert compvis`` directory, else None."""
+    p = Path(location) / COMPVIS_RECORD
+    return json.loads(p.read_text()) if p.is_file() else None
+
+
+def load_compvis_dir(location: str | Path) -> tuple[nn.Module, DDPMScheduler, dict, dict]:
+    """(unet, scheduler, components, record) of a directory written by ``bench convert compvis``."""
+    from diffusers import DDIMScheduler
+    from safetensors.torch import load_file
+
+    path = Path(location)
+    record = compvis_record(path)
+    kw = dict(local_files_only=True, low_cpu_mem_usage=False)
+    components: dict = {}
+    try:
+        if (path / "class_embedder").is_dir():
+            unet = ClassConditionedUNet.from_pretrained(path / "unet", **kw)
+            cfg = json.loads((path / "class_embedder" / "config.json").read_text())
+            table = nn.Embedding(int(cfg["num_embeddings"]), int(cfg["embedding_dim"]))
+            table.load_state_dict(load_file(str(path / "class_embedder" / "model.safetensors")))
+            unet.class_embedder = table
+        elif json.loads((path / "unet" / "config.json").read_text()).get("_class_name") == "UNet2DConditionModel":
+            raise ModelLoadError(f"{path}: a cross-attention UNet without class_embedder/ is not a CompVis class model")
+        else:
+            unet = UNet2DModel.from_pretrained(path / "unet", **kw)
+        apply_attention_heads(unet, record.get("attention_heads") or {})
+        if (path / "vqvae").is_dir():
+            components["vqvae"] = VQModel.from_pretrained(path / "vqvae", **kw)
+        elif (path / "vae").is_dir():
+            components["vae"] = AutoencoderKL.from_pretrained(path / "vae", **kw)
+        scheduler = DDIMScheduler.from_pretrained(path / "scheduler", local_files_only=True)
+    except (OSError, ValueError, KeyError) as e:
+        raise ModelLoadError(f"cannot load the converted CompVis directory {path} ({type(e).__name__}: "
+                             f"{str(e)[:200]}); re-run bench convert compvis") from None
+    return unet, scheduler, components, record
+
+
 # ---- building ----------------------------------------------------------------------------------------------------
 
 def build_miniature(spec: ModelSpec) -> tuple[nn.Module, DDPMScheduler, dict]:
@@ -222,12 +300,17 @@ def load_latent_model(spec: ModelSpec, model_path: str | None = None,
     """``load_model`` for miniatures, latent pipelines and text-conditioned models."""
     if spec.source == "miniature":
         unet, scheduler, components = build_miniature(spec)
+        record = None
     else:
         location = model_path or spec.location
         if not location:
             raise ModelLoadError(f"{spec.name} has no public diffusers weights: convert the CompVis checkpoint "
                                  "(docs/zoo.md) and pass --model-path DIR")
-        unet, scheduler, components = _from_pretrained(spec, location)
+        record = compvis_record(location) if Path(location).is_dir() else None
+        if record is not None:
+            unet, scheduler, components, record = load_compvis_dir(location)
+        else:
+            unet, scheduler, components = _from_pretrained(spec, location)
     scheduler = _scheduler(scheduler, spec)
     extras = _extras(spec)
     unet = unet.to(device).eval().requires_grad_(False)
@@ -238,7 +321,9 @@ def load_latent_model(spec: ModelSpec, model_path: str | None = None,
     autoencoder = components.get("vqvae") or components.get("vae")
     if autoencoder is not None:
         autoencoder = autoencoder.to(device)
-        if isinstance(autoencoder, VQModel):
+        if record is not None:  # the converted checkpoint's own scale_factor
+            scale = float(record["latent_scale"])
+        elif isinstance(autoencoder, VQModel):
             scale = float(extras.get("latent_scale", 1.0))
         else:
             scale = float(extras.get("latent_scale", autoencoder.config.scaling_factor))
@@ -246,6 +331,8 @@ def load_latent_model(spec: ModelSpec, model_path: str | None = None,
 
     # Conditioning.
     num_embeds = getattr(cfg, "num_class_embeds", None)
+    if isinstance(unet, ClassConditionedUNet):
+        num_embeds = unet.class_embedder.num_embeddings
     conditioning = "class" if num_embeds else ("text" if components.get("text_encoder") is not None
                                                else spec.conditioning)
     denoiser = Denoiser(unet, conditioning=conditioning, guidance_scale=spec.guidance_scale,
@@ -255,7 +342,7 @@ def load_latent_model(spec: ModelSpec, model_path: str | None = None,
     if autoencoder is not None:
         extra["autoencoder"] = autoencoder
     if conditioning == "class":
-        null = extras.get("null_class")
+        null = extras.get("null_class", (record or {}).get("null_class"))
         if null is None and spec.guidance_scale != 1.0:
             null = num_embeds - 1  # convention: the last embedding is the null class
         if null is not None and null < num_embeds:
