@@ -6,6 +6,7 @@ cd "$(dirname "$0")/.."
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-2}"
 
 python -m pip install -q -e ".[test]"
+python -m pip install -q -e ".[compvis-test]" && python -m pip install -q --no-deps stable-diffusion-sdkit==2.1.5 taming-transformers-rom1504==0.0.6  # original CompVis ldm/taming modules for tests/test_convert_compvis.py (--no-deps: skips their training-only deps: pytorch-lightning, open-clip-torch, transformers, opencv, ...)
 
 # Optional services for the Slurm and Chromium tests (skipped with a reason when absent).
 # shellcheck disable=SC1091
