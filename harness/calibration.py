@@ -72,7 +72,6 @@ def record_trajectories(
             if with_eps:
                 steps_eps.append(eps.detach().cpu())
 
-        kwargs = {"scheduler": model.scheduler} if sampler == "ddpm" else {}
         SAMPLERS[sampler](
             denoiser,
             x.to(device),
@@ -81,8 +80,7 @@ def record_trajectories(
             gens=gens,
             cond=cond.to(device) if cond is not None else None,
             callback=keep,
-            **kwargs,
-        )
+                    )
         xs.append(torch.stack(steps_x, 1))
         if with_eps:
             epss.append(torch.stack(steps_eps, 1))

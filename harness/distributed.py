@@ -17,30 +17,18 @@ Rank and world come from the environment torchrun sets (``RANK``, ``WORLD_SIZE``
 from __future__ import annotations
 
 import os
-import time
 from dataclasses import replace
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from harness.generate import generate_samples, make_schedule
-from harness.metrics import sample_features
-from harness.runner import (
-    RunOptions,
-    _bank,
-    _model_spec,
-    _quantize,
-    new_results,
-    record_failure,
-    run_dir,
-    save_grid,
-    score,
-)
 from harness.shards import ShardStore
 from harness.spec import RunSpec
-from harness.tracking import read_results, write_json_atomic
-from models.loading import load_model
+
+if TYPE_CHECKING:
+    from harness.runner import RunOptions
 
 
 def env_rank_world() -> tuple[int, int, int]:
@@ -98,6 +86,8 @@ def gather_features(
     if error is None and shards:
         try:
             images = [np.load(store.path(k))["images"] for k in shards]  # FileNotFoundError: shard not made
+            from harness.metrics import sample_features
+
             feats = sample_features(np.concatenate(images), extractor, device, inception_weights)
             ends = np.cumsum([len(x) for x in images])
             mine = {k: {name: f[end - len(x) : end] for name, f in feats.items()}
@@ -136,87 +126,8 @@ def gather_count(n: int) -> int:
 
 
 def run_distributed(spec: RunSpec, opts: RunOptions) -> dict | None:
-    """Run one spec across the ranks of a torchrun job; returns the results on rank 0, None elsewhere."""
-    t0 = time.perf_counter()
+    """Run one spec across the ranks of a torchrun job (:func:`harness.runner.run_one` with rank and world)."""
+    from harness.runner import run_one
+
     rank, world, device = init(opts.device)
-    opts = replace(opts, device=device)
-    rdir = run_dir(spec, opts.out)
-    existing = read_results(rdir)
-    if existing and existing.get("status") == "complete":
-        barrier()
-        return existing if rank == 0 else None
-    rdir.mkdir(parents=True, exist_ok=True)
-
-    def prepare():
-        t = time.perf_counter()
-        torch.manual_seed(spec.seed)
-        model = load_model(_model_spec(spec), spec.model_path, device)
-        schedule = make_schedule(model, spec.steps, spec.spacing)
-        bank = _bank(model, schedule, spec, opts)
-        denoiser, facts = _quantize(spec, model, bank, rdir)
-        return model, schedule, bank, denoiser, facts, time.perf_counter() - t
-
-    # Calibrate once: rank 0 quantizes and saves; the others load what it saved.
-    error = None
-    if rank == 0:
-        try:
-            prepared = prepare()
-        except Exception as e:  # recorded by rank 0 below
-            error, prepared = e, None
-    barrier()
-    if rank != 0:
-        try:
-            prepared = prepare()
-        except Exception as e:  # reported to rank 0 by gather_features
-            error, prepared = e, None
-
-    t = time.perf_counter()
-    made = 0
-    store = ShardStore(rdir / "samples", spec.num_samples)
-    if prepared is not None:
-        model, schedule, _, denoiser, _, _ = prepared
-        try:
-            made = generate_samples(model, denoiser, schedule, spec.sampler, spec.eta, spec.seed, store, device,
-                                    opts.batch_size, rank, world, desc=f"{spec.method} {spec.bits} r{rank}/{world}")
-        except Exception as e:
-            error = e
-    sample_seconds = time.perf_counter() - t
-    barrier()  # every rank's shards are on disk
-    total_made = gather_count(made)
-    t = time.perf_counter()
-    try:  # collective on every rank; raises on rank 0 only
-        gathered = gather_features(store, rank, world, spec.extractor, device, opts.inception_weights, failed=error)
-    except Exception as e:
-        gathered, error = None, error or e  # rank 0's own earlier error keeps its traceback
-    if rank != 0:
-        barrier()
-        return None
-
-    # Rank 0 scores once, from the gathered features, through run_one's own pieces.
-    results = new_results(spec, rdir)
-    results["timings"]["sample_seconds"] = sample_seconds
-    try:
-        if prepared is not None:
-            model, schedule, bank, denoiser, facts, prepare_seconds = prepared
-            results["facts"] = dict(facts)
-            results["model_fingerprint"] = bank.fingerprint  # sha256 of the FP weights this run quantized
-            results["timings"]["calib_seconds"] = float(facts.get("calib_seconds", prepare_seconds))
-        if error is not None:
-            raise error
-        features, by_rank = gathered
-        images = store.load_all()  # only for the grid and the paired metrics, from the shard files
-        save_grid(images, rdir / "samples_grid.png")
-        metrics = score(spec, opts, model, schedule, denoiser, images, features)
-        results["timings"]["metric_seconds"] = time.perf_counter() - t  # features (all ranks) + scoring
-        results["metrics"] = metrics
-        results["facts"]["metrics_gathered"] = "features"
-        results["facts"]["feature_shards_by_rank"] = {str(r): shards for r, shards in by_rank.items()}
-        results["status"] = "complete"
-    except Exception as e:  # recorded, as run_one does
-        record_failure(results, e)
-    results["facts"]["images_generated_this_attempt"] = total_made
-    results["facts"]["world_size"] = world
-    results["timings"]["total_seconds"] = time.perf_counter() - t0
-    write_json_atomic(rdir / "results.json", results)
-    barrier()
-    return results
+    return run_one(spec, replace(opts, device=device), rank, world)

@@ -22,7 +22,7 @@ def make_schedule(model: LoadedModel, steps: int, spacing: str, clip_sample: boo
     sched = model.scheduler
     clip = sched.config.clip_sample if clip_sample is None else clip_sample
     ts = make_timesteps(sched.config.num_train_timesteps, steps, spacing)
-    return Schedule(tuple(ts), sched.alphas_cumprod.clone(), bool(clip))
+    return Schedule(tuple(ts), sched.alphas_cumprod.clone(), bool(clip), scheduler=sched)
 
 
 @torch.no_grad()
@@ -32,9 +32,8 @@ def sample_images(
 ):
     """uint8 NCHW images for the given seeds, in one batch."""
     x, cond, gens = initial_noise_and_cond(model, seeds)
-    kwargs = {"scheduler": model.scheduler} if sampler == "ddpm" else {}
     out = SAMPLERS[sampler](denoiser, x.to(device), schedule, eta=eta, gens=gens,
-                            cond=cond.to(device) if cond is not None else None, **kwargs)
+                            cond=cond.to(device) if cond is not None else None)
     if model.decode is not None:
         out = model.decode(out)
     return to_uint8(out)

@@ -27,6 +27,7 @@ from harness.shards import ShardStore
 from harness.spec import RunSpec
 from harness.tracking import git_revision, read_results, versions, write_json_atomic
 from methods.base import BitConfig
+from methods.envelope import load_quantized, save_quantized
 from methods.quant.calibrate import call_at_step
 from methods.quant.surgery import UNIFORM
 from models.loading import load_model
@@ -68,25 +69,34 @@ def _bank(model, schedule, spec: RunSpec, opts: RunOptions, seed_base: int = CAL
                           seed_base=seed_base, model_key=f"{spec.model}:{spec.model_path}")
 
 
-def _quantize(spec: RunSpec, model, bank: TrajectoryBank, rdir: Path):
-    """Calibrate once; later attempts reload the saved quantized denoiser and its facts."""
-    saved, facts_path = rdir / "quantized_unet.pt", rdir / "calibration.json"
-    if saved.exists() and facts_path.exists():
-        unet = torch.load(saved, map_location=bank.device, weights_only=False)
-        return model.denoiser.with_unet(unet), json.loads(facts_path.read_text())
+def _method(spec: RunSpec):
     cls = methods.get(spec.method)
     method = cls(cls.config_cls.from_dict(spec.method_config) if spec.method_config else None)
     scope = UNIFORM if spec.scope == "uniform" else method.paper_scope()
-    artifact_dir = rdir / "artifacts"
-    artifact_dir.mkdir(parents=True, exist_ok=True)
     bits = BitConfig.parse(spec.bits) if spec.bits != "fp" else BitConfig(16, 16)
+    return method, scope, bits
+
+
+def _quantize(spec: RunSpec, model, bank: TrajectoryBank, rdir: Path):
+    """Calibrate once; later attempts rebuild the quantized denoiser from its saved state (no pickle).
+
+    A saved state that does not load is moved aside (``*.corrupt``) and the run calibrates again."""
+    saved, facts_path = rdir / "quantized.safetensors", rdir / "calibration.json"
+    method, scope, bits = _method(spec)
+    if saved.exists() and facts_path.exists():
+        try:
+            denoiser = load_quantized(method, copy.deepcopy(model.denoiser), bits, scope, saved, bank.device)
+            return denoiser, json.loads(facts_path.read_text())
+        except Exception as e:  # truncated or foreign file: recalibrate rather than fail every rerun
+            saved.replace(saved.with_name(saved.name + ".corrupt"))
+            print(f"warning: {saved} did not load ({type(e).__name__}: {e}); moved aside, calibrating again")
     # The method quantizes a copy: the bank keeps the untouched FP denoiser for calibration and probes.
-    result = method.quantize(copy.deepcopy(model.denoiser), bank, bits, scope, artifact_dir)
+    result = method.quantize(copy.deepcopy(model.denoiser), bank, bits, scope, rdir / "artifacts")
     facts = dict(result.facts)
-    if cls.quantizes:
-        torch.save(result.denoiser.unet, saved)
+    if method.quantizes:
+        save_quantized(result, saved)
     if "coverage" in facts:  # the per-layer bit report, logged with the run as an artifact
-        write_json_atomic(artifact_dir / "coverage.json", facts["coverage"])
+        write_json_atomic(rdir / "artifacts" / "coverage.json", facts["coverage"])
     write_json_atomic(facts_path, facts)
     return result.denoiser, facts
 
@@ -164,54 +174,99 @@ def record_failure(results: dict, error: BaseException) -> None:
     results["traceback"] = "".join(traceback.format_exception(error))
 
 
-def run_one(spec: RunSpec, opts: RunOptions) -> dict:
-    """Run (or resume) one spec and return its results; failures are recorded, not raised."""
+def _prepare(spec: RunSpec, opts: RunOptions, rdir: Path):
+    """Load the model and its schedule, and quantize it (or reload the quantized state)."""
+    t = time.perf_counter()
+    torch.manual_seed(spec.seed)
+    model = load_model(_model_spec(spec), spec.model_path, opts.device)
+    schedule = make_schedule(model, spec.steps, spec.spacing)
+    bank = _bank(model, schedule, spec, opts)
+    denoiser, facts = _quantize(spec, model, bank, rdir)
+    return model, schedule, bank, denoiser, facts, time.perf_counter() - t
+
+
+def run_one(spec: RunSpec, opts: RunOptions, rank: int = 0, world: int = 1) -> dict | None:
+    """Run (or resume) one spec on ``world`` ranks; failures are recorded, not raised.
+
+    One pipeline for one process and for a torchrun job: rank 0 prepares first (calibration
+    happens once, the others reload its saved state), every rank samples its own shards, and
+    rank 0 scores and writes ``results.json``. With ``world > 1`` the ranks extract the metric
+    features of their own shards and rank 0 scores the gathered features
+    (:mod:`harness.distributed`). Returns the results on rank 0, ``None`` on the others.
+    """
+    from harness import distributed as D
+
+    t0 = time.perf_counter()
     rdir = run_dir(spec, opts.out)
     existing = read_results(rdir)
     if existing and existing.get("status") == "complete":
-        return existing
+        D.barrier()
+        return existing if rank == 0 else None
     rdir.mkdir(parents=True, exist_ok=True)
-    results = new_results(spec, rdir)
-    t0 = time.perf_counter()
-    try:
-        torch.manual_seed(spec.seed)
-        model = load_model(_model_spec(spec), spec.model_path, opts.device)
-        schedule = make_schedule(model, spec.steps, spec.spacing)
-        bank = _bank(model, schedule, spec, opts)
-        t = time.perf_counter()
-        denoiser, facts = _quantize(spec, model, bank, rdir)
-        results["facts"] = facts
-        results["model_fingerprint"] = bank.fingerprint  # sha256 of the FP weights this run quantized
-        results["timings"]["calib_seconds"] = float(facts.get("calib_seconds", time.perf_counter() - t))
+    error: BaseException | None = None
+    prepared = None
+    for turn in (0, 1):  # rank 0 calibrates and saves, then the other ranks reload what it saved
+        if (rank == 0) == (turn == 0):
+            try:
+                prepared = _prepare(spec, opts, rdir)
+            except Exception as e:  # recorded by rank 0 below
+                error = e
+        D.barrier()
 
-        t = time.perf_counter()
-        store = ShardStore(rdir / "samples", spec.num_samples)
-        made = generate_samples(
-            model,
-            denoiser,
-            schedule,
-            spec.sampler,
-            spec.eta,
-            spec.seed,
-            store,
-            opts.device,
-            opts.batch_size,
-            desc=f"{spec.method} {spec.bits}",
-        )
-        results["timings"]["sample_seconds"] = time.perf_counter() - t
-        results["facts"]["images_generated_this_attempt"] = made
+    t = time.perf_counter()
+    made = 0
+    store = ShardStore(rdir / "samples", spec.num_samples)
+    if prepared is not None:
+        model, schedule, _, denoiser, _, _ = prepared
+        try:
+            desc = f"{spec.method} {spec.bits}" + (f" r{rank}/{world}" if world > 1 else "")
+            made = generate_samples(model, denoiser, schedule, spec.sampler, spec.eta, spec.seed, store, opts.device,
+                                    opts.batch_size, rank, world, desc=desc)
+        except Exception as e:
+            error = e
+    sample_seconds = time.perf_counter() - t
+    D.barrier()  # every rank's shards are on disk
+    total_made = D.gather_count(made)
+    t = time.perf_counter()
+    gathered = None
+    if world > 1:
+        try:  # collective on every rank; raises on rank 0 only
+            gathered = D.gather_features(store, rank, world, spec.extractor, opts.device, opts.inception_weights,
+                                         failed=error)
+        except Exception as e:
+            error = error or e  # rank 0's own earlier error keeps its traceback
+        if rank != 0:
+            D.barrier()
+            return None
+
+    results = new_results(spec, rdir)
+    results["timings"]["sample_seconds"] = sample_seconds
+    try:
+        if prepared is not None:
+            model, schedule, bank, denoiser, facts, prepare_seconds = prepared
+            results["facts"] = dict(facts)
+            results["model_fingerprint"] = bank.fingerprint  # sha256 of the FP weights this run quantized
+            results["timings"]["calib_seconds"] = float(facts.get("calib_seconds", prepare_seconds))
+        if error is not None:
+            raise error
         images = store.load_all()
         save_grid(images, rdir / "samples_grid.png")
-
-        t = time.perf_counter()
-        metrics = score(spec, opts, model, schedule, denoiser, images)
+        features = None
+        if gathered is not None:
+            features, by_rank = gathered
+            results["facts"]["metrics_gathered"] = "features"
+            results["facts"]["feature_shards_by_rank"] = {str(r): shards for r, shards in by_rank.items()}
+            results["facts"]["world_size"] = world
+        t = time.perf_counter() if gathered is None else t  # with ranks: features (all ranks) + scoring
+        results["metrics"] = score(spec, opts, model, schedule, denoiser, images, features)
         results["timings"]["metric_seconds"] = time.perf_counter() - t
-        results["metrics"] = metrics
         results["status"] = "complete"
     except Exception as e:  # recorded; the sweep goes on
         record_failure(results, e)
+    results["facts"]["images_generated_this_attempt"] = total_made
     results["timings"]["total_seconds"] = time.perf_counter() - t0
     write_json_atomic(rdir / "results.json", results)
+    D.barrier()
     return results
 
 

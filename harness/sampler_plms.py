@@ -75,4 +75,4 @@ def sample_plms(
     return x
 
 
-SAMPLERS["plms"] = sample_plms
+SAMPLERS.register("plms", sample_plms)

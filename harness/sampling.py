@@ -18,13 +18,14 @@ diffusers supports. DDPM ancestral steps go through ``DDPMScheduler.step`` itsel
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from diffusers import DDPMScheduler
 
 from methods.quant.timestep import timestep_context
+from methods.registry import Registry
 from models.denoiser import Denoiser
 
 # callback(step_index, t, x_t, eps): x_t is the denoiser's input at that step.
@@ -57,6 +58,7 @@ class Schedule:
     timesteps: tuple[int, ...]
     alphas_cumprod: torch.Tensor
     clip_sample: bool = True
+    scheduler: DDPMScheduler | None = field(default=None, compare=False)  # the model's, for schedulers' step()
 
     @property
     def num_steps(self) -> int:
@@ -121,11 +123,11 @@ def sample_ddpm(
     gens: list[torch.Generator] | None = None,
     cond: torch.Tensor | None = None,
     callback: StepCallback | None = None,
-    scheduler: DDPMScheduler | None = None,
 ) -> torch.Tensor:
-    """DDPM ancestral sampling through ``DDPMScheduler.step`` on the schedule's timesteps."""
+    """DDPM ancestral sampling through the model's ``DDPMScheduler.step`` on the schedule's timesteps."""
+    scheduler = schedule.scheduler
     if scheduler is None:
-        raise ValueError("sample_ddpm needs the model's DDPMScheduler")
+        raise ValueError("sample_ddpm needs a schedule that carries the model's DDPMScheduler (make_schedule)")
     scheduler.set_timesteps(timesteps=list(schedule.timesteps))
     n = schedule.num_steps
     for i, t in enumerate(schedule.timesteps):
@@ -137,8 +139,10 @@ def sample_ddpm(
     return x
 
 
-SAMPLERS = {"ddim": sample_ddim, "ddpm": sample_ddpm}
-import harness.sampler_plms  # noqa: E402,F401  (registers SAMPLERS["plms"]; after SAMPLERS, so no import cycle)
+# Every sampler: ``f(denoiser, x_T, schedule, *, eta, gens, cond, callback) -> x_0``.
+SAMPLERS: Registry = Registry("sampler", "dmqbench.samplers", builtins=("harness.sampler_plms",))
+SAMPLERS.register("ddim", sample_ddim)
+SAMPLERS.register("ddpm", sample_ddpm)
 
 
 def to_uint8(x: torch.Tensor) -> np.ndarray:

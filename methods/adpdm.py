@@ -58,13 +58,12 @@ from __future__ import annotations
 
 import json
 import math
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from methods.base import BitConfig, CalibrationSource, MethodConfig, QuantMethod, QuantResult
+from methods.base import BitConfig, CalibrationSource, MethodConfig, QuantMethod
 from methods.quant.group_search import (
     GroupMixtureQuantizer,
     SRMSelector,
@@ -73,7 +72,7 @@ from methods.quant.group_search import (
 )
 from methods.quant.layers import QuantLayer
 from methods.quant.step_table import StepTableQuantizer, channel_axis_of, in_channels_of
-from methods.quant.surgery import UNIFORM, Scope, freeze_all, quant_layers, quantize_modules
+from methods.quant.surgery import Scope, freeze_all, quant_layers
 from methods.quant.timestep import timestep_context
 from methods.registry import register_method
 from models.denoiser import Denoiser
@@ -116,13 +115,8 @@ class ADPDMConfig(MethodConfig):
     recon_samples: int | None = None  # cache at most this many samples (None: all)
     seed: int = 0
 
-    @classmethod
-    def from_preset(cls, preset: str) -> ADPDMConfig:
-        super().from_preset(preset)
-        if preset == "fast":
-            return cls(preset=preset, calib_images=4, batch_size=2, recon_images=32, recon_iters=80, recon_batch=8,
-                       recon_samples=64)
-        return cls(preset=preset)
+    PRESETS = {"paper": {}, "fast": {"calib_images": 4, "batch_size": 2, "recon_images": 32, "recon_iters": 80,
+                                     "recon_batch": 8, "recon_samples": 64}}
 
     def __post_init__(self) -> None:
         if self.granularity not in GRANULARITIES:
@@ -131,17 +125,6 @@ class ADPDMConfig(MethodConfig):
     @property
     def rounds(self) -> int:
         return max(1, self.calib_images // self.batch_size)
-
-
-def _skeleton_factory(granularity: str, weight_symmetric: bool):
-    def factory(name, module, wb, ab):
-        layer = QuantLayer(module, wb, ab, w_symmetric=weight_symmetric, a_symmetric=False)
-        if layer.quant_act:
-            axis = channel_axis_of(module) if granularity == "per-channel" else None
-            layer.act_quantizer = StepTableQuantizer(ab, False, axis)
-        return layer
-
-    return factory
 
 
 @register_method("adpdm")
@@ -157,11 +140,13 @@ class ADPDM(QuantMethod):
             attention_matmuls=False,
         )
 
-    @staticmethod
-    def skeleton(unet: torch.nn.Module, bits: BitConfig, scope: Scope = UNIFORM, granularity: str = "per-channel",
-                 weight_symmetric: bool = False):
-        """An empty inference structure for ``load_state_dict`` of a calibrated model (then ``freeze_all``)."""
-        return quantize_modules(unet, scope, bits.w, bits.a, _skeleton_factory(granularity, weight_symmetric))
+    def layer(self, name, module, w_bits, a_bits, structure):
+        """Inference structure: a per-step table quantizer on every quantized input (filled by the search)."""
+        layer = QuantLayer(module, w_bits, a_bits, w_symmetric=self.config.weight_symmetric, a_symmetric=False)
+        if layer.quant_act:
+            axis = channel_axis_of(module) if self.config.granularity == "per-channel" else None
+            layer.act_quantizer = StepTableQuantizer(a_bits, False, axis)
+        return layer
 
     def _reconstruct_weights(self, denoiser: Denoiser, calib: CalibrationSource, num_steps: int) -> None:
         """Optional (not in the official code): BRECQ + AdaRound weights from the engine, activations off,
@@ -176,28 +161,20 @@ class ADPDM(QuantMethod):
                          act_quant=False, max_samples=cfg.recon_samples, seed=cfg.seed, progress=False)
         reconstruct(denoiser, calib.denoiser, samples, num_steps, rc, calib.device)
 
-    def quantize(
-        self, denoiser: Denoiser, calib: CalibrationSource, bits: BitConfig, scope: Scope, artifact_dir: Path
-    ) -> QuantResult:
+    def calibrate(self, denoiser: Denoiser, calib: CalibrationSource, bits: BitConfig, artifact_dir: Path) -> dict:
         cfg: ADPDMConfig = self.config
-        start = time.perf_counter()
         timesteps = list(calib.timesteps)
         num_steps = len(timesteps)
         floor = (cfg.floor_lo, cfg.floor_hi) if cfg.floor else None
         per_channel = cfg.granularity == "per-channel"
-
-        def factory(name, module, wb, ab):
-            layer = QuantLayer(module, wb, ab, w_symmetric=cfg.weight_symmetric, a_symmetric=False)
+        unet = denoiser.unet
+        layers = quant_layers(unet)
+        for layer in layers.values():  # the search runs on the mixture; the tables are filled at export
             if layer.quant_act:
                 layer.act_quantizer = GroupMixtureQuantizer(
-                    ab, num_steps, cfg.groups, in_channels_of(module), channel_axis_of(module),
+                    layer.a_bits, num_steps, cfg.groups, in_channels_of(layer.module), channel_axis_of(layer.module),
                     per_channel, floor, cfg.logit_init,
-                )
-            return layer
-
-        unet = denoiser.unet
-        summary = quantize_modules(unet, scope, bits.w, bits.a, factory)
-        layers = quant_layers(unet)
+                ).to(calib.device)
         for layer in layers.values():
             layer.init_weight_range("minmax")
         if cfg.weight_recon:
@@ -255,17 +232,9 @@ class ADPDM(QuantMethod):
             partition[name] = q.dominant_groups()
             weights[name] = q.weights().mean(-1).detach().cpu()  # [S, G]
             layers[name].act_quantizer = q.export(timesteps)
-        for p in unet.parameters():
-            p.requires_grad_(False)
-        freeze_all(unet)
-        calib_seconds = time.perf_counter() - start
-
-        artifacts = write_artifacts(Path(artifact_dir), weights, partition, timesteps, selector.history)
+        write_artifacts(Path(artifact_dir), weights, partition, timesteps, selector.history)
         distinct = [len(set(v)) for v in partition.values()]
-        facts = {
-            "calib_seconds": calib_seconds,
-            "layers_quantized": summary.num_quantized,
-            "coverage": summary.to_dict(),
+        return {
             "granularity": cfg.granularity,
             "weights": ("per-channel symmetric min-max RTN (official)" if cfg.weight_symmetric
                         else "per-channel asymmetric min-max RTN") + (" + BRECQ/AdaRound" if cfg.weight_recon else ""),
@@ -274,7 +243,6 @@ class ADPDM(QuantMethod):
             "groups_per_layer_mean": sum(distinct) / max(1, len(distinct)),
             "round_loss": losses,
         }
-        return QuantResult(denoiser, facts, artifacts)
 
 
 def write_artifacts(

@@ -1,16 +1,12 @@
 """The method interface every PTQ method implements.
 
-A method is a class registered with ``@register_method("name")`` that holds a
-``@dataclass`` config (a subclass of :class:`MethodConfig`: JSON-serialisable,
-versioned, with ``paper`` and ``fast`` presets). Its one job:
-
-    quantize(denoiser, calib, bits, scope) -> QuantResult
-
-given the full-precision denoiser (a :class:`models.denoiser.Denoiser`), a
-calibration source (FP sampling trajectories, see :class:`CalibrationSource`), the
-bit config and the harness-owned quantization scope, return the quantized denoiser
-and a small dict of facts (calibration seconds, layers quantized, ...). Methods never
-touch the sampler: timestep-aware quantizers read the timestep context.
+A method is a :class:`QuantMethod` registered with ``@register_method("name")``, with a
+``@dataclass`` config (a :class:`MethodConfig`: JSON-serialisable, versioned, its presets
+as data). It says *where* quantizers go (:meth:`QuantMethod.layer`, :meth:`QuantMethod.extend`)
+and *how* they are calibrated (:meth:`QuantMethod.calibrate`); the harness envelope
+(:mod:`methods.envelope`) does the rest: traversal and scope, timing, freezing, the
+coverage report and persistence. Methods never touch the sampler: timestep-aware
+quantizers read the timestep context (:mod:`methods.quant.timestep`).
 """
 
 from __future__ import annotations
@@ -18,19 +14,20 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
-from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Protocol
 
 import torch
+from torch import nn
 
+from methods.quant.layers import QuantLayer
 from methods.quant.quantizer import OFF_BITS
-from methods.quant.surgery import UNIFORM, Scope
+from methods.quant.surgery import UNIFORM, QuantSummary, Scope
 from models.denoiser import Denoiser
 
 _BITS_RE = re.compile(r"^w(\d+)a(\d+)$")
-PRESETS = ("paper", "fast")
+PRESETS = ("paper", "fast")  # the presets every method defines
 
 
 @dataclass(frozen=True)
@@ -103,17 +100,21 @@ class CalibrationSource(Protocol):
 
 @dataclass
 class MethodConfig:
-    """Base of every method config: JSON round-trip with a schema version."""
+    """Base of every method config: JSON round-trip with a schema version, presets as data.
+
+    ``PRESETS`` maps a preset name to the field values that differ from the dataclass defaults
+    (``paper``: the published hyperparameters; ``fast``: documented CPU-smoke reductions).
+    """
 
     VERSION: ClassVar[int] = 1
+    PRESETS: ClassVar[dict[str, dict[str, Any]]] = {"paper": {}, "fast": {}}
     preset: str = "fast"
 
     @classmethod
     def from_preset(cls, preset: str) -> MethodConfig:
-        """``paper``: the published hyperparameters; ``fast``: documented CPU-smoke reductions."""
-        if preset not in PRESETS:
-            raise ValueError(f"unknown preset {preset!r}: use one of {', '.join(PRESETS)}")
-        return cls(preset=preset)
+        if preset not in cls.PRESETS:
+            raise ValueError(f"unknown preset {preset!r}: use one of {', '.join(cls.PRESETS)}")
+        return cls(preset=preset, **cls.PRESETS[preset])
 
     def to_dict(self) -> dict[str, Any]:
         return {"version": self.VERSION, **dataclasses.asdict(self)}
@@ -137,12 +138,22 @@ class MethodConfig:
 @dataclass
 class QuantResult:
     denoiser: Denoiser
-    facts: dict[str, Any] = field(default_factory=dict)  # calib_seconds, layers_quantized, ...
+    facts: dict[str, Any] = field(default_factory=dict)  # calib_seconds, layers_quantized, coverage, ...
     artifacts: dict[str, Path] = field(default_factory=dict)  # name -> file written under the run's artifact dir
+    structure: dict[str, Any] = field(default_factory=dict)  # what rebuilds the quantized module tree
 
 
-class QuantMethod(ABC):
-    """Subclass, set ``config_cls``, implement :meth:`quantize`, decorate with ``@register_method``."""
+class QuantMethod:
+    """A PTQ method: where quantizers go, and how they are calibrated.
+
+    The harness (:func:`methods.envelope.quantize_`) owns everything around that: it asks
+    :meth:`structure` for the facts the layout depends on, swaps every conv/linear the scope
+    selects for :meth:`layer`, lets :meth:`extend` add what is not a layer (attention
+    quantizers, a denoiser wrapper), times :meth:`calibrate`, freezes, switches gradients off,
+    writes the coverage report, and persists the result so a resumed run rebuilds the same
+    tree and loads its state. :meth:`calibrate` may swap in training-time quantizers but must
+    leave the module classes that :meth:`layer`/:meth:`extend` built (export back into them).
+    """
 
     name: ClassVar[str] = ""
     config_cls: ClassVar[type[MethodConfig]] = MethodConfig
@@ -156,7 +167,27 @@ class QuantMethod(ABC):
         """The layers the method's paper quantizes (``--scope paper``); default: the uniform scope."""
         return dataclasses.replace(UNIFORM, name="paper")
 
-    @abstractmethod
+    def structure(self, denoiser: Denoiser, calib: CalibrationSource) -> dict[str, Any]:
+        """JSON facts the module layout depends on (e.g. shortcut splits), found once on the FP model."""
+        return {}
+
+    def layer(self, name: str, module: nn.Module, w_bits: int, a_bits: int, structure: dict[str, Any]) -> nn.Module:
+        """The quantized replacement of one conv/linear (the inference structure)."""
+        return QuantLayer(module, w_bits, a_bits)
+
+    def extend(self, denoiser: Denoiser, bits: BitConfig, scope: Scope, summary: QuantSummary) -> Denoiser:
+        """Quantizers that are not layers, or a wrapper around the denoiser; default: none."""
+        return denoiser
+
+    def calibrate(self, denoiser: Denoiser, calib: CalibrationSource, bits: BitConfig,
+                  artifact_dir: Path) -> dict[str, Any]:
+        """Fill the quantizers' parameters; return method-specific facts (artifacts go to ``artifact_dir``)."""
+        raise NotImplementedError(f"{type(self).__name__} does not implement calibrate()")
+
     def quantize(
         self, denoiser: Denoiser, calib: CalibrationSource, bits: BitConfig, scope: Scope, artifact_dir: Path
-    ) -> QuantResult: ...
+    ) -> QuantResult:
+        """Quantize a (copy of the) FP denoiser inside the harness envelope."""
+        from methods.envelope import quantize_
+
+        return quantize_(self, denoiser, calib, bits, scope, artifact_dir)

@@ -38,19 +38,23 @@ Deviations from the official code:
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
-from methods.base import BitConfig, CalibrationSource, MethodConfig, QuantMethod, QuantResult, Trajectories
-from methods.quant.attention import AttentionRangeObserver, attention_summary, quantize_attention
+from methods.base import BitConfig, CalibrationSource, MethodConfig, QuantMethod, Trajectories
+from methods.quant.attention import (
+    AttentionRangeObserver,
+    attention_processors,
+    attention_summary,
+    quantize_attention,
+)
 from methods.quant.calibrate import Batch, init_activation_ranges
 from methods.quant.layers import QuantLayer
 from methods.quant.quantizer import OFF_BITS
 from methods.quant.recon import ReconConfig, reconstruct
-from methods.quant.surgery import UNIFORM, Scope, freeze_all, quant_layers, quantize_modules
+from methods.quant.surgery import UNIFORM, Scope, quant_layers
 from methods.registry import register_method
 from models.denoiser import Denoiser
 
@@ -80,13 +84,8 @@ class PTQ4DMConfig(MethodConfig):
     seed: int = 0
     progress: bool = True
 
-    @classmethod
-    def from_preset(cls, preset: str) -> PTQ4DMConfig:
-        super().from_preset(preset)  # validates the name
-        if preset == "paper":
-            return cls(preset="paper")
-        return cls(preset="fast", num_samples=128, calib_images=32, recon_iters=40, batch_size=8,
-                   recon_samples=64, range_values=1 << 16)
+    PRESETS = {"paper": {}, "fast": {"num_samples": 128, "calib_images": 32, "recon_iters": 40, "batch_size": 8,
+                                     "recon_samples": 64, "range_values": 1 << 16}}
 
 
 def ndtc_draws(num_steps: int, n: int, mean: float = 0.4, std: float = 0.4, seed: int = 0) -> torch.Tensor:
@@ -125,11 +124,17 @@ class PTQ4DM(QuantMethod):
         """All conv and linear layers, first and last at 8 bit, no attention matmuls (released code)."""
         return replace(UNIFORM, name="paper", first_last_bits=8, attention_matmuls=False)
 
-    def quantize(
-        self, denoiser: Denoiser, calib: CalibrationSource, bits: BitConfig, scope: Scope, artifact_dir: Path
-    ) -> QuantResult:
+    def layer(self, name, module, w_bits, a_bits, structure):
+        return QuantLayer(module, w_bits, a_bits, w_symmetric=True, w_channelwise=True, a_symmetric=True)
+
+    def extend(self, denoiser: Denoiser, bits: BitConfig, scope: Scope, summary) -> Denoiser:
+        if self.config.attention_matmuls and scope.attention_matmuls and bits.a < OFF_BITS:
+            quantize_attention(denoiser.unet, bits.a, bits.a, symmetric=True)
+            summary.extra.update(attention_summary(denoiser.unet))
+        return denoiser
+
+    def calibrate(self, denoiser: Denoiser, calib: CalibrationSource, bits: BitConfig, artifact_dir: Path) -> dict:
         cfg: PTQ4DMConfig = self.config
-        start = time.perf_counter()
         device = calib.device
         images = min(cfg.calib_images, cfg.num_samples)
         traj = calib.trajectories(images)
@@ -137,14 +142,6 @@ class PTQ4DM(QuantMethod):
         samples.pop("data_step")
         num_steps = traj.num_steps
         unet = denoiser.unet
-        factory = lambda name, m, wb, ab: QuantLayer(  # noqa: E731
-            m, wb, ab, w_symmetric=True, w_channelwise=True, a_symmetric=True
-        )
-        summary = quantize_modules(unet, scope, bits.w, bits.a, factory)
-        n_attn = 0
-        if cfg.attention_matmuls and scope.attention_matmuls and bits.a < OFF_BITS:
-            n_attn = quantize_attention(unet, bits.a, bits.a, symmetric=True)
-            summary.extra.update(attention_summary(unet))
         layers = quant_layers(unet)
         for layer in layers.values():
             layer.init_weight_range("mse", p=cfg.p)
@@ -158,16 +155,11 @@ class PTQ4DM(QuantMethod):
                              p=2.0, round_weight=cfg.round_weight, drop_prob=cfg.drop_prob,
                              max_samples=cfg.recon_samples, progress=cfg.progress, seed=cfg.seed)
             stats = reconstruct(denoiser, calib.denoiser, samples, num_steps, rc, device)
-        freeze_all(unet)
-        facts = {
-            "calib_seconds": time.perf_counter() - start,
-            "layers_quantized": summary.num_quantized,
-            "attention_matmuls_quantized": 2 * n_attn,
+        return {
+            "attention_matmuls_quantized": 2 * len(attention_processors(unet)),
             "calib_samples": int(samples["x"].shape[0]),
             "calib_trajectories": images,
             "draws_per_trajectory": math.ceil(cfg.num_samples / images),
             "released_labels": cfg.released_labels,
             "recon_units": len(stats),
-            "coverage": summary.to_dict(),
         }
-        return QuantResult(denoiser, facts)

@@ -58,18 +58,22 @@ Deviations from the official code (``Xiuyu-Li/q-diffusion``):
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from methods.base import BitConfig, CalibrationSource, MethodConfig, QuantMethod, QuantResult
-from methods.quant.attention import AttentionRangeObserver, attention_summary, quantize_attention
+from methods.base import BitConfig, CalibrationSource, MethodConfig, QuantMethod
+from methods.quant.attention import (
+    AttentionRangeObserver,
+    attention_processors,
+    attention_summary,
+    quantize_attention,
+)
 from methods.quant.calibrate import init_activation_ranges
 from methods.quant.layers import QuantLayer
 from methods.quant.quantizer import OFF_BITS
 from methods.quant.recon import ReconConfig, reconstruct
 from methods.quant.shortcut import find_denoiser_splits
-from methods.quant.surgery import UNIFORM, Scope, freeze_all, quant_layers, quantize_modules
+from methods.quant.surgery import UNIFORM, Scope, quant_layers
 from methods.registry import register_method
 from methods.rtn import uniform_steps
 from models.denoiser import Denoiser
@@ -105,16 +109,11 @@ class QDiffusionConfig(MethodConfig):
     recon_samples: int | None = None  # cache at most this many calibration samples for reconstruction
     progress: bool = True
 
-    @classmethod
-    def from_preset(cls, preset: str) -> QDiffusionConfig:
-        super().from_preset(preset)  # validates the name
-        if preset == "paper":
-            return cls(preset="paper")
-        # a_lr=0: in 80 Adam iterations lr 4e-4 moves an 8-bit activation step by more than its own
-        # size; measured on tiny-cifar10 (6214 steps, 32 images) w8a8 paired MSE 0.0086 with LSQ vs
-        # 0.0011 without (RTN 0.0011). The paper preset keeps LSQ at 4e-4 for 5k iterations.
-        return cls(preset="fast", calib_images=32, calib_steps=10, joint=True, joint_iters=80, batch_size=8,
-                   recon_samples=64, w_init="mse", w_lr=1e-2, a_lr=0.0)
+    # a_lr=0 in ``fast``: in 80 Adam iterations lr 4e-4 moves an 8-bit activation step by more than its
+    # own size (results/README.md has the measurement); the paper preset keeps LSQ at 4e-4 for 5k iterations.
+    PRESETS = {"paper": {}, "fast": {"calib_images": 32, "calib_steps": 10, "joint": True, "joint_iters": 80,
+                                     "batch_size": 8, "recon_samples": 64, "w_init": "mse", "w_lr": 1e-2,
+                                     "a_lr": 0.0}}
 
 
 @register_method("qdiffusion")
@@ -125,30 +124,35 @@ class QDiffusion(QuantMethod):
         """Every conv and linear, first and last included at the run's bits, attention matmuls quantized."""
         return replace(UNIFORM, name="paper", first_last_bits=None, attention_matmuls=True)
 
-    def quantize(
-        self, denoiser: Denoiser, calib: CalibrationSource, bits: BitConfig, scope: Scope, artifact_dir: Path
-    ) -> QuantResult:
-        cfg: QDiffusionConfig = self.config
-        start = time.perf_counter()
-        device = calib.device
-        traj = calib.trajectories(cfg.calib_images)
-        steps = uniform_steps(traj.num_steps, cfg.calib_steps)
-        samples = traj.at_steps(steps)
-        num_steps = traj.num_steps
-        unet = denoiser.unet
+    def _samples(self, calib: CalibrationSource):
+        traj = calib.trajectories(self.config.calib_images)
+        return traj.at_steps(uniform_steps(traj.num_steps, self.config.calib_steps)), traj.num_steps
 
-        splits = {}
-        if cfg.split:
-            cond0 = samples["cond"][:1].to(device) if samples.get("cond") is not None else None
-            splits = find_denoiser_splits(denoiser, samples["x"][:1].to(device), samples["t"][:1].to(device), cond0)
-        factory = lambda name, m, wb, ab: QuantLayer(  # noqa: E731
-            m, wb, ab, w_symmetric=False, w_channelwise=True, a_symmetric=cfg.a_symmetric, split=splits.get(name, 0)
-        )
-        summary = quantize_modules(unet, scope, bits.w, bits.a, factory)
-        n_attn = 0
+    def structure(self, denoiser: Denoiser, calib: CalibrationSource) -> dict:
+        if not self.config.split:
+            return {"splits": {}}
+        samples, _ = self._samples(calib)
+        device = calib.device
+        cond0 = samples["cond"][:1].to(device) if samples.get("cond") is not None else None
+        return {"splits": find_denoiser_splits(denoiser, samples["x"][:1].to(device), samples["t"][:1].to(device),
+                                               cond0)}
+
+    def layer(self, name, module, w_bits, a_bits, structure):
+        return QuantLayer(module, w_bits, a_bits, w_symmetric=False, w_channelwise=True,
+                          a_symmetric=self.config.a_symmetric, split=structure["splits"].get(name, 0))
+
+    def extend(self, denoiser: Denoiser, bits: BitConfig, scope: Scope, summary) -> Denoiser:
+        cfg: QDiffusionConfig = self.config
         if cfg.quant_attention and scope.attention_matmuls and bits.a < OFF_BITS:
-            n_attn = quantize_attention(unet, bits.a, cfg.softmax_bits or bits.a, cfg.a_symmetric)
-            summary.extra.update(attention_summary(unet))
+            quantize_attention(denoiser.unet, bits.a, cfg.softmax_bits or bits.a, cfg.a_symmetric)
+            summary.extra.update(attention_summary(denoiser.unet))
+        return denoiser
+
+    def calibrate(self, denoiser: Denoiser, calib: CalibrationSource, bits: BitConfig, artifact_dir: Path) -> dict:
+        cfg: QDiffusionConfig = self.config
+        device = calib.device
+        samples, num_steps = self._samples(calib)
+        unet = denoiser.unet
         layers = quant_layers(unet)
         for layer in layers.values():
             layer.init_weight_range(cfg.w_init, p=cfg.a_p)
@@ -178,14 +182,9 @@ class QDiffusion(QuantMethod):
                 stats["acts"] = reconstruct(denoiser, calib.denoiser, samples, num_steps, replace(
                     base, iters=cfg.act_iters, learn_weights=False, learn_acts=True, act_quant=True, p=cfg.a_p),
                     device)
-        freeze_all(unet)
-        facts = {
-            "calib_seconds": time.perf_counter() - start,
-            "layers_quantized": summary.num_quantized,
-            "attention_matmuls_quantized": 2 * n_attn,
-            "shortcut_splits": len(splits),
+        return {
+            "attention_matmuls_quantized": 2 * len(attention_processors(unet)),
+            "shortcut_splits": sum(1 for ly in layers.values() if ly.split),
             "calib_samples": int(samples["x"].shape[0]),
             "recon_units": max((len(s) for s in stats.values()), default=0),
-            "coverage": summary.to_dict(),
         }
-        return QuantResult(denoiser, facts)

@@ -1,77 +1,136 @@
-"""The method registry: ``@register_method("name")``, ``get("name")``, plug-ins by entry point.
+"""One typed registry for every kind of plug-in: methods, models, samplers, extractors, metrics.
 
-Third-party methods register themselves from their own package through the entry-point
-group ``dmqbench.methods``::
+Modelled on lm-evaluation-harness's ``lm_eval/api/registry.py``: a name maps to an object
+plus metadata given at registration (a metric's ``higher_is_better``, say); an unknown name
+fails with the known names and a "did you mean"; third-party packages add entries through
+an entry-point group::
 
     [project.entry-points."dmqbench.methods"]
     mymethod = "my_pkg.method:MyMethod"
 
-An unknown name fails with the known ones and a "did you mean" suggestion.
+This module imports nothing of the project, so ``models``, ``methods`` and ``harness`` all
+build their registries on it without import cycles.
 """
 
 from __future__ import annotations
 
 import difflib
-from collections.abc import Callable
+import importlib
+from collections.abc import Callable, Iterator
 from importlib.metadata import entry_points
+from typing import Any, Generic, TypeVar
 
-from methods.base import QuantMethod
-
-ENTRY_POINT_GROUP = "dmqbench.methods"
-_REGISTRY: dict[str, type[QuantMethod]] = {}
-_BUILTINS_LOADED = False
-_PLUGINS_LOADED = False
-
-# Built-in method modules, imported lazily on first lookup (they register on import).
-_BUILTIN_MODULES = ("methods.fp", "methods.rtn", "methods.qdiffusion", "methods.ptq4dm", "methods.adpdm", "methods.tdq")
+T = TypeVar("T")
 
 
-class UnknownMethodError(KeyError):
+class UnknownNameError(KeyError):
     def __str__(self) -> str:  # KeyError would quote the message
         return str(self.args[0])
 
 
-def register_method(name: str) -> Callable[[type[QuantMethod]], type[QuantMethod]]:
-    def decorator(cls: type[QuantMethod]) -> type[QuantMethod]:
-        if not (isinstance(cls, type) and issubclass(cls, QuantMethod)):
-            raise TypeError(f"@register_method({name!r}) must decorate a QuantMethod subclass")
-        existing = _REGISTRY.get(name)
-        if existing is not None and existing is not cls:
-            raise ValueError(f"method {name!r} is already registered by {existing.__module__}.{existing.__name__}")
-        cls.name = name
-        _REGISTRY[name] = cls
-        return cls
-
-    return decorator
+UnknownMethodError = UnknownNameError  # the name callers used before the registry was shared
 
 
-def _load() -> None:
-    global _BUILTINS_LOADED, _PLUGINS_LOADED
-    if not _BUILTINS_LOADED:
-        import importlib
+class Registry(Generic[T]):
+    """``name -> object`` with metadata, did-you-mean, lazily imported built-ins and entry points."""
 
-        for module in _BUILTIN_MODULES:
+    def __init__(self, kind: str, entry_point_group: str | None = None, builtins: tuple[str, ...] = (),
+                 check: Callable[[Any], bool] | None = None,
+                 on_register: Callable[[str, Any], None] | None = None) -> None:
+        self.kind = kind
+        self.entry_point_group = entry_point_group
+        self._builtins = builtins  # modules that register their entries when imported
+        self._check = check
+        self._on_register = on_register  # e.g. a method class learns its registered name
+        self._entries: dict[str, T] = {}
+        self._meta: dict[str, dict[str, Any]] = {}
+        self._loaded = not builtins and entry_point_group is None
+
+    def register(self, name: str, obj: T | None = None, **meta: Any):
+        """``@registry.register("name", **meta)`` as a decorator, or ``registry.register(name, obj)``."""
+
+        def add(o: T) -> T:
+            if self._check is not None and not self._check(o):
+                raise TypeError(f"{o!r} cannot be registered as a {self.kind}")
+            existing = self._entries.get(name)
+            if existing is not None and existing is not o:
+                raise ValueError(f"{self.kind} {name!r} is already registered ({existing!r})")
+            self._entries[name] = o
+            self._meta[name] = dict(meta)
+            if self._on_register is not None:
+                self._on_register(name, o)
+            return o
+
+        return add if obj is None else add(obj)
+
+    def unregister(self, name: str) -> None:
+        self._entries.pop(name, None)
+        self._meta.pop(name, None)
+
+    def _load(self) -> None:
+        if self._loaded:
+            return
+        self._loaded = True  # first: built-ins may look themselves up while importing
+        for module in self._builtins:
             importlib.import_module(module)
-        _BUILTINS_LOADED = True
-    if not _PLUGINS_LOADED:
-        for ep in entry_points(group=ENTRY_POINT_GROUP):
-            cls = ep.load()
-            if ep.name not in _REGISTRY:
-                register_method(ep.name)(cls)
-        _PLUGINS_LOADED = True
+        if self.entry_point_group:
+            for ep in entry_points(group=self.entry_point_group):
+                if ep.name not in self._entries:
+                    self.register(ep.name, ep.load())
+
+    def get(self, name: str) -> T:
+        self._load()
+        try:
+            return self._entries[name]
+        except KeyError:
+            close = difflib.get_close_matches(name, self._entries, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise UnknownNameError(
+                f"unknown {self.kind} {name!r}{hint} Known {self.kind}s: {', '.join(sorted(self._entries))}"
+            ) from None
+
+    def meta(self, name: str) -> dict[str, Any]:
+        self.get(name)
+        return self._meta[name]
+
+    def names(self) -> list[str]:
+        self._load()
+        return sorted(self._entries)
+
+    def items(self) -> Iterator[tuple[str, T]]:
+        self._load()
+        return iter(sorted(self._entries.items()))
+
+    def __contains__(self, name: object) -> bool:
+        self._load()
+        return name in self._entries
+
+    def __getitem__(self, name: str) -> T:
+        return self.get(name)
+
+
+def _is_method(obj: Any) -> bool:
+    from methods.base import QuantMethod
+
+    return isinstance(obj, type) and issubclass(obj, QuantMethod)
+
+
+METHODS: Registry = Registry(
+    "method", "dmqbench.methods",
+    builtins=("methods.fp", "methods.rtn", "methods.qdiffusion", "methods.ptq4dm", "methods.adpdm", "methods.tdq"),
+    check=_is_method,
+    on_register=lambda name, cls: setattr(cls, "name", name),
+)
+
+
+def register_method(name: str):
+    """``@register_method("name")`` on a :class:`methods.base.QuantMethod` subclass."""
+    return METHODS.register(name)
 
 
 def names() -> list[str]:
-    _load()
-    return sorted(_REGISTRY)
+    return METHODS.names()
 
 
-def get(name: str) -> type[QuantMethod]:
-    _load()
-    try:
-        return _REGISTRY[name]
-    except KeyError:
-        close = difflib.get_close_matches(name, _REGISTRY, n=1)
-        hint = f"; did you mean {close[0]!r}?" if close else ""
-        known = ", ".join(sorted(_REGISTRY))
-        raise UnknownMethodError(f"unknown method {name!r}{hint} Known methods: {known}") from None
+def get(name: str):
+    return METHODS.get(name)

@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import math
 import random
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,12 +44,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from methods.base import BitConfig, CalibrationSource, MethodConfig, QuantMethod, QuantResult
+from methods.base import BitConfig, CalibrationSource, MethodConfig, QuantMethod
+from methods.quant.base import Quantizer
 from methods.quant.calibrate import init_activation_ranges, iterate_by_step
 from methods.quant.layers import QuantLayer
-from methods.quant.quantizer import OFF_BITS, fake_quant, qrange
+from methods.quant.quantizer import OFF_BITS, UniformQuantizer, fake_quant
 from methods.quant.step_table import StepTableQuantizer
-from methods.quant.surgery import UNIFORM, Scope, freeze_all, quant_layers, quantize_modules
+from methods.quant.surgery import freeze_all, quant_layers
 from methods.quant.timestep import require_step, timestep_context
 from methods.registry import register_method
 from models.denoiser import Denoiser
@@ -102,18 +102,24 @@ class TDQStepMLP(nn.Module):
         return s, self.zero_point.expand_as(s)
 
 
-class TDQActQuantizer(nn.Module):
-    """Calibration-time quantizer: step from the MLP at the context's timestep (LSQ gradient)."""
+class TDQActQuantizer(Quantizer):
+    """Calibration-time quantizer: step from the MLP at the context's timestep (LSQ gradient).
+
+    Per tensor, asymmetric. The step is the MLP's output, not a parameter of its own, so it
+    declares no ``learnable_step`` (reconstruction leaves it alone) and has no static form
+    until :meth:`export`.
+    """
 
     def __init__(self, bits: int, mlp: TDQStepMLP) -> None:
-        super().__init__()
-        self.bits = bits
+        super().__init__(bits, symmetric=False, channel_axis=None)
         self.mlp = mlp
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.active:
+            return x
         t = require_step().t
         s = self.mlp(torch.tensor([t]))[0]
-        qmin, qmax = qrange(self.bits, False)
+        qmin, qmax = self.qmin_qmax
         return fake_quant(x, s, self.mlp.zero_point, qmin, qmax)
 
     @torch.no_grad()
@@ -147,13 +153,8 @@ class TDQConfig(MethodConfig):
     weight_symmetric: bool = False  # per-channel symmetric weight grid instead of rtn's asymmetric one
     seed: int = 0
 
-    @classmethod
-    def from_preset(cls, preset: str) -> TDQConfig:
-        super().from_preset(preset)
-        if preset == "fast":
-            return cls(preset=preset, calib_images=32, calib_steps=10, iters=60, batch_size=4,
-                       init_max_values=1 << 16)
-        return cls(preset=preset)
+    PRESETS = {"paper": {}, "fast": {"calib_images": 32, "calib_steps": 10, "iters": 60, "batch_size": 4,
+                                     "init_max_values": 1 << 16}}
 
 
 def _make_mlp(cfg: TDQConfig, init_step: float = 1.0, zero_point: float = 0.0) -> TDQStepMLP:
@@ -164,33 +165,24 @@ def _make_mlp(cfg: TDQConfig, init_step: float = 1.0, zero_point: float = 0.0) -
 class TDQ(QuantMethod):
     config_cls = TDQConfig
 
-    def skeleton(self, unet: nn.Module, bits: BitConfig, scope: Scope = UNIFORM):
-        """Empty inference structure (tables + fallback MLPs) for ``load_state_dict``; then ``freeze_all``."""
+    def layer(self, name, module, w_bits, a_bits, structure):
+        """Inference structure: a per-step table with the step-size MLP as fallback for other timesteps."""
         cfg: TDQConfig = self.config
+        layer = QuantLayer(module, w_bits, a_bits, w_symmetric=cfg.weight_symmetric, a_symmetric=False)
+        if layer.quant_act:
+            layer.act_quantizer = StepTableQuantizer(a_bits, False, None, fallback=_make_mlp(cfg))
+        return layer
 
-        def factory(name, module, wb, ab):
-            layer = QuantLayer(module, wb, ab, w_symmetric=cfg.weight_symmetric, a_symmetric=False)
-            if layer.quant_act:
-                layer.act_quantizer = StepTableQuantizer(ab, False, None, fallback=_make_mlp(cfg))
-            return layer
-
-        return quantize_modules(unet, scope, bits.w, bits.a, factory)
-
-    def quantize(
-        self, denoiser: Denoiser, calib: CalibrationSource, bits: BitConfig, scope: Scope, artifact_dir: Path
-    ) -> QuantResult:
+    def calibrate(self, denoiser: Denoiser, calib: CalibrationSource, bits: BitConfig, artifact_dir: Path) -> dict:
         cfg: TDQConfig = self.config
-        start = time.perf_counter()
         timesteps = list(calib.timesteps)
         num_steps = len(timesteps)
         unet = denoiser.unet
-        def factory(name, m, wb, ab):
-            return QuantLayer(m, wb, ab, w_symmetric=cfg.weight_symmetric, a_symmetric=False)
-
-        summary = quantize_modules(unet, scope, bits.w, bits.a, factory)
         layers = quant_layers(unet)
         for layer in layers.values():
             layer.init_weight_range("minmax")
+            if layer.quant_act:  # a static range first: it initialises each MLP's output
+                layer.act_quantizer = UniformQuantizer(layer.a_bits, False, None).to(calib.device)
         freeze_all(unet)
 
         traj = calib.trajectories(cfg.calib_images)
@@ -222,21 +214,13 @@ class TDQ(QuantMethod):
             with torch.no_grad():
                 curves[name] = q.mlp(torch.arange(0, int(calib.alphas_cumprod.numel()))).cpu()
             layer.act_quantizer = q.export(timesteps)
-        for p in unet.parameters():
-            p.requires_grad_(False)
-        freeze_all(unet)
-        calib_seconds = time.perf_counter() - start
-        artifacts = write_artifacts(Path(artifact_dir), curves, init_steps, timesteps)
-        facts = {
-            "calib_seconds": calib_seconds,
-            "layers_quantized": summary.num_quantized,
-            "coverage": summary.to_dict(),
+        write_artifacts(Path(artifact_dir), curves, init_steps, timesteps)
+        return {
             "granularity": "per-tensor",
             "weights": f"per-channel {'symmetric' if cfg.weight_symmetric else 'asymmetric'} min-max RTN",
             "loss_first": losses[0] if losses else None,
             "loss_last": losses[-1] if losses else None,
         }
-        return QuantResult(denoiser, facts, artifacts)
 
 
 def _train(denoiser: Denoiser, layers: dict[str, QuantLayer], samples, num_steps: int, cfg: TDQConfig, device,
@@ -245,7 +229,7 @@ def _train(denoiser: Denoiser, layers: dict[str, QuantLayer], samples, num_steps
     if not params or cfg.iters <= 0:
         return []
     opt = torch.optim.Adam(params, lr=cfg.lr)
-    batches = list(iterate_by_step(samples, cfg.batch_size, num_steps))
+    batches = list(iterate_by_step(samples, cfg.batch_size))
     rng = random.Random(cfg.seed)
     acc: list[torch.Tensor] = []
 

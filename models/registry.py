@@ -7,9 +7,10 @@ config), what kind of pipeline it is, and how the papers sample it.
 
 from __future__ import annotations
 
-import difflib
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+
+from methods.registry import Registry
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 
@@ -65,12 +66,15 @@ TINY_UNET_CONFIG = dict(
     dropout=0.0,
 )
 
-ZOO: dict[str, ModelSpec] = {}
+# Built-ins: the entries below plus the paper zoo (models/zoo.py, imported on first lookup).
+MODELS: Registry[ModelSpec] = Registry("model", "dmqbench.models", builtins=("models.zoo",))
+ZOO = MODELS
 
 
 def register_model(spec: ModelSpec) -> ModelSpec:
-    ZOO[spec.name] = spec
-    return spec
+    """Add (or, for a zoo entry refining an earlier one with the same name, replace) a model spec."""
+    MODELS.unregister(spec.name)
+    return MODELS.register(spec.name, spec)
 
 
 register_model(ModelSpec(
@@ -94,12 +98,7 @@ register_model(ModelSpec(
 
 
 def get_model(name: str) -> ModelSpec:
-    try:
-        return ZOO[name]
-    except KeyError:
-        close = difflib.get_close_matches(name, ZOO, n=1)
-        hint = f"; did you mean {close[0]!r}?" if close else ""
-        raise KeyError(f"unknown model {name!r}{hint} Known models: {', '.join(sorted(ZOO))}") from None
+    return MODELS.get(name)
 
 
 def local_model(path: str | Path) -> ModelSpec:
@@ -114,6 +113,3 @@ def at_path(spec: ModelSpec, path: str | Path) -> ModelSpec:
     return replace(spec, source="local", location=str(Path(path).resolve()))
 
 
-def with_protocol(spec: ModelSpec, **overrides) -> ModelSpec:
-    return replace(spec, **overrides)
-from models import zoo as _zoo  # noqa: E402,F401  (registers the paper zoo; must stay last)
