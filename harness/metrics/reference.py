@@ -279,8 +279,12 @@ def list_entries(cache_dir=None) -> list[dict]:
     out = []
     for (extractor, name), p in SHIPPED.items():
         if p.is_file():
+            with np.load(p, allow_pickle=False) as z:
+                meta = json.loads(str(z["meta"]))
             out.append({"name": name, "extractor": extractor, "provenance": "shipped", "path": str(p),
-                        "num_images": 10000, "stats_sha256": None})
+                        "num_images": meta.get("num_images"), "resolution": 32,
+                        "extractor_weights_sha256": meta.get("extractor_weights_sha256"),
+                        "source": meta.get("source")})
     root = _store(cache_dir)
     if root.is_dir():
         for j in sorted(root.glob("*/*.json")):

@@ -55,7 +55,8 @@ def center_crop_resize(img, resolution: int) -> np.ndarray:
 class RestrictedUnpickler(pickle.Unpickler):
     """Unpickler for the CIFAR-10 python batches: dicts, lists, strings, numbers and numpy arrays only.
 
-    ``find_class`` resolves only numpy's array/dtype reconstruction functions; any other global
+    ``find_class`` resolves only numpy's array/dtype reconstruction functions (and latin-1 string
+    encoding, which Python 3 protocol-2 pickles use for bytes); any other global
     (``os.system``, ``builtins.eval``, ...) raises ``pickle.UnpicklingError`` before anything runs.
     """
 
@@ -80,7 +81,14 @@ def _allowed_globals() -> dict:
         out[(mod, "_frombuffer")] = numeric._frombuffer
     out[("numpy", "ndarray")] = np.ndarray
     out[("numpy", "dtype")] = np.dtype
+    out[("_codecs", "encode")] = _latin1_encode  # Python 3 writes bytes this way in protocol 2
     return out
+
+
+def _latin1_encode(text: str, encoding: str = "latin1") -> bytes:
+    if not isinstance(text, str) or encoding.lower().replace("-", "") != "latin1":
+        raise pickle.UnpicklingError(f"refusing _codecs.encode with encoding {encoding!r} in a CIFAR-10 pickle")
+    return text.encode("latin1")
 
 
 def load_cifar_batch(data: bytes) -> np.ndarray:
