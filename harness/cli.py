@@ -6,7 +6,8 @@
     bench train model tiny-cifar10 --data PATH | bench train extractor cifarnet --data PATH
 
 Bad input exits 2 with one line naming the problem and the fix, before anything is
-written; a sweep in which some run failed exits 1 after finishing the others.
+written (harness/preflight.py); a sweep in which some run failed exits 1 after finishing
+the others (a full disk stops it, with one line); Ctrl-C exits 130 (rerun to resume).
 """
 
 from __future__ import annotations
@@ -17,6 +18,32 @@ from pathlib import Path
 import click
 
 DEFAULT_OUT = "runs"
+EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 1, 2, 130
+
+
+class BadInput(click.UsageError):
+    """Exit 2 with exactly one line on stderr: ``bench <command>: <problem>: <fix>``."""
+
+    def show(self, file=None) -> None:
+        name = self.ctx.command_path if self.ctx is not None else "bench"
+        click.echo(f"{name}: {' '.join(self.format_message().split())}", err=True, file=file)
+
+
+class OneLineErrors(click.Command):
+    """A command whose option-parsing errors (``--num-samples abc``) are one line too, not click's usage block."""
+
+    def make_context(self, info_name, args, parent=None, **extra):
+        try:
+            return super().make_context(info_name, args, parent=parent, **extra)
+        except click.UsageError as e:
+            if isinstance(e, BadInput):
+                raise
+            raise BadInput(f"{e.format_message()} (see bench {info_name} -h)", ctx=e.ctx) from None
+
+
+def _fail(message: str, code: int) -> None:
+    click.echo(f"bench run: {' '.join(str(message).split())}", err=True)
+    sys.exit(code)
 
 
 def _device(device: str) -> str:
@@ -32,7 +59,7 @@ def main() -> None:
     """dmqbench: post-training quantization of diffusion models, benchmarked under one protocol."""
 
 
-@main.command()
+@main.command(cls=OneLineErrors)
 @click.option("--methods", "methods_", default="all", show_default=True, help="'all' or a comma list (bench ls)")
 @click.option("--models", default=None, help="comma list of zoo models (bench ls models) [default: tiny-cifar10]")
 @click.option("--bits", default="w8a8,w4a8", show_default=True, help="comma list of wXaY")
@@ -58,49 +85,93 @@ def run(methods_, models, bits, seeds, protocol, preset, scope, num_samples, ste
         batch_size, tracking_uri, inception_weights, executor, slurm_partition, slurm_time, slurm_gpus,
         slurm_parallelism) -> None:
     """Run every method x model x bit-width under one protocol; resume what is done."""
+    try:
+        _run(methods_, models, bits, seeds, protocol, preset, scope, num_samples, steps, model_path, out, device,
+             batch_size, tracking_uri, inception_weights, executor, slurm_partition, slurm_time, slurm_gpus,
+             slurm_parallelism)
+    except KeyboardInterrupt:
+        _fail("interrupted: complete runs and sample shards are kept; rerun the same command to resume",
+              EXIT_INTERRUPTED)
+
+
+def _run(methods_, models, bits, seeds, protocol, preset, scope, num_samples, steps, model_path, out, device,
+         batch_size, tracking_uri, inception_weights, executor, slurm_partition, slurm_time, slurm_gpus,
+         slurm_parallelism) -> None:
+    from harness.preflight import PreflightError, PreflightOptions, parse_device, preflight
     from harness.runner import RunOptions
     from harness.spec import SpecError, expand
-    from harness.sweep import run_sweep
-    from harness.tracking import default_tracking_uri
+    from harness.sweep import SweepLocked, run_sweep
+    from harness.tracking import StoreError, default_tracking_uri, is_disk_full
 
     try:
         seed_list = [int(s) for s in seeds.split(",") if s.strip()]
     except ValueError:
-        raise click.UsageError(f"--seeds must be a comma list of integers, got {seeds!r}") from None
+        raise BadInput(f"--seeds must be a comma list of integers, got {seeds!r}") from None
+    for flag, value, least in (("--num-samples", num_samples, 1), ("--steps", steps, 1),
+                               ("--batch-size", batch_size, 1), ("--slurm-time", slurm_time, 1),
+                               ("--slurm-gpus", slurm_gpus, 0), ("--slurm-parallelism", slurm_parallelism, 1)):
+        if value is not None and value < least:
+            raise BadInput(f"{flag} must be at least {least} (got {value})"
+                           + (f": leave {flag} out for the protocol's value" if flag in ("--num-samples", "--steps")
+                              else ""))
+    try:
+        parse_device(device)
+    except PreflightError as e:
+        raise BadInput(str(e)) from None
     if model_path and not (Path(model_path) / "model_index.json").exists() and not (Path(model_path) / "unet").is_dir():
-        raise click.UsageError(f"--model-path {model_path} is not a diffusers pipeline directory "
-                               "(no model_index.json or unet/): save one with pipeline.save_pretrained(DIR)")
-    if batch_size < 1:
-        raise click.UsageError("--batch-size must be at least 1")
+        raise BadInput(f"--model-path {model_path} is not a diffusers pipeline directory "
+                       "(no model_index.json or unet/): save one with pipeline.save_pretrained(DIR)")
     try:
         specs = expand(methods_, models, bits, seed_list, protocol, preset, scope, num_samples, steps, model_path)
     except SpecError as e:
-        raise click.UsageError(str(e)) from None
+        raise BadInput(str(e)) from None
     if inception_weights:
         from harness.metrics import validate_inception_weights
 
         try:
             validate_inception_weights(inception_weights)
         except ValueError as e:
-            raise click.UsageError(str(e)) from None
+            raise BadInput(str(e)) from None
     out_dir = Path(out)
+    try:
+        preflight(specs, PreflightOptions(out=out_dir, device=device, tracking_uri=tracking_uri, executor=executor,
+                                          batch_size=batch_size))
+    except PreflightError as e:
+        raise BadInput(str(e)) from None
+    from harness.executors import make_executor
+
+    try:
+        runner = make_executor(executor, out_dir=out_dir, partition=slurm_partition, time_minutes=slurm_time,
+                               gpus=slurm_gpus, parallelism=slurm_parallelism)
+    except click.UsageError as e:
+        raise BadInput(e.format_message()) from None
+    # Everything is checked: from here on files are written.
     out_dir.mkdir(parents=True, exist_ok=True)
     uri = tracking_uri or default_tracking_uri(out_dir)
     opts = RunOptions(out=out_dir, device=_device(device), batch_size=batch_size, inception_weights=inception_weights)
     click.echo(f"dmqbench: {len(specs)} runs ({protocol} protocol) -> {out_dir}")
-    from harness.executors import make_executor
-
-    runner = make_executor(executor, out_dir=out_dir, partition=slurm_partition, time_minutes=slurm_time,
-                           gpus=slurm_gpus, parallelism=slurm_parallelism)
-    outcome = run_sweep(specs, opts, uri, {"methods": methods_, "models": models, "bits": bits, "seeds": seeds,
-                                            "protocol": protocol, "preset": preset, "scope": scope}, runner)
+    try:
+        outcome = run_sweep(specs, opts, uri, {"methods": methods_, "models": models, "bits": bits, "seeds": seeds,
+                                                "protocol": protocol, "preset": preset, "scope": scope}, runner)
+    except SweepLocked as e:
+        _fail(str(e), EXIT_BAD_INPUT)
+    except StoreError as e:
+        _fail(str(e), EXIT_FAILED)
+    except Exception as e:
+        if not is_disk_full(e):
+            raise
+        msg = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0]
+        if "database or disk is full" in str(e):
+            msg = (f"disk full writing the MLflow store {uri}: free space there (complete runs are kept in "
+                   f"{out_dir / 'runs'}), then rerun the same command to resume")
+        _fail(msg, EXIT_FAILED)
     click.echo(f"done: {len(outcome.completed)} ran, {len(outcome.skipped)} already complete, "
                f"{len(outcome.failed)} failed")
     for name, err in outcome.failed:
-        click.echo(f"  FAILED {name}: {err}", err=True)
+        click.echo(f"  FAILED {name}: {' '.join(str(err).split())[:500]}", err=True)
     click.echo(f"results: {out_dir / 'runs'}  |  table: bench leaderboard --out {out_dir}")
     click.echo(f"MLflow UI: mlflow ui --backend-store-uri {uri}")
-    sys.exit(0 if outcome.ok else 1)
+    sys.exit(0 if outcome.ok else EXIT_FAILED)
 
 
 @main.command(name="ls")

@@ -5,17 +5,53 @@ NCHW), whatever the batch size or the number of workers, so an interrupted run r
 from its last complete shard and workers (torchrun ranks) split the work by shard.
 A shard is written to a temporary file and renamed into place: it exists whole or not
 at all, and the manifest only lists shards whose file is complete.
+
+A shard that exists but does not load (a truncated or damaged file: a disk that filled up under
+another tool, a copy that stopped) is never trusted: :meth:`ShardStore.pending` and
+:meth:`ShardStore.load_all` move it aside to ``shard-K.npz.corrupt`` and name it, and the run
+makes it again. Running out of space while writing a shard raises :class:`DiskFullError`
+naming the file and the bytes the run still needs; no partial file is left.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import zipfile
 from pathlib import Path
 
 import numpy as np
 
 SHARD_SIZE = 64
+
+
+class DiskFullError(OSError):
+    """No space left writing ``path``; ``str(e)`` is one line naming the file and the bytes still needed."""
+
+    def __init__(self, path: str | Path, need_bytes: int, message: str | None = None) -> None:
+        self.path, self.need_bytes = Path(path), int(need_bytes)
+        if message is not None:  # the same error again, from its recorded text
+            super().__init__(errno.ENOSPC, message)
+            return
+        try:
+            st = os.statvfs(self.path.parent if self.path.parent.exists() else Path.cwd())
+            free = f", {_size(st.f_bavail * st.f_frsize)} free"
+        except OSError:
+            free = ""
+        super().__init__(errno.ENOSPC, f"disk full writing {self.path}: about {_size(self.need_bytes)} more needed"
+                         f"{free}; free space there, then rerun the same command to resume")
+
+    def __str__(self) -> str:
+        return self.strerror
+
+
+class CorruptShardError(OSError):
+    """A shard file that does not load; it has been moved aside and is made again on the rerun."""
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**20:,.1f} MiB" if n >= 2**20 else f"{n / 1024:,.0f} KiB"
 
 
 class ShardStore:
@@ -37,18 +73,47 @@ class ShardStore:
     def is_done(self, k: int) -> bool:
         return self.path(k).exists()
 
+    def quarantine(self, k: int, why: str = "") -> Path:
+        """Move shard k aside to ``shard-K.npz.corrupt`` (an older one there is replaced); returns that path."""
+        bad = self.path(k).with_name(self.path(k).name + ".corrupt")
+        os.replace(self.path(k), bad)
+        self._write_manifest()
+        return bad
+
+    def _intact(self, k: int) -> bool:
+        """Cheap structural check (the zip directory at the end of the file): catches truncated files."""
+        try:
+            with zipfile.ZipFile(self.path(k)) as z:
+                return "images.npy" in z.namelist()
+        except (OSError, zipfile.BadZipFile, ValueError, EOFError):
+            return False
+
+    def verify(self) -> list[Path]:
+        """Quarantine every existing shard that is not intact; returns the ``.corrupt`` paths."""
+        return [self.quarantine(k) for k in range(self.num_shards) if self.is_done(k) and not self._intact(k)]
+
     def pending(self, rank: int = 0, world: int = 1) -> list[int]:
+        for k in range(rank, self.num_shards, world):
+            if self.is_done(k) and not self._intact(k):
+                self.quarantine(k)  # made again below, like any missing shard
         return [k for k in range(rank, self.num_shards, world) if not self.is_done(k)]
 
     def write(self, k: int, images: np.ndarray) -> None:
         lo, hi = self.shard_range(k)
         if images.dtype != np.uint8 or images.shape[0] != hi - lo:
             raise ValueError(f"shard {k} needs {hi - lo} uint8 images, got {images.shape} {images.dtype}")
-        self.root.mkdir(parents=True, exist_ok=True)
         tmp = self.path(k).with_name(f".tmp-{k:05d}-{os.getpid()}.npz")
-        np.savez(tmp, images=images, start=lo)
-        os.replace(tmp, self.path(k))
-        self._write_manifest()
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            np.savez(tmp, images=images, start=lo)
+            os.replace(tmp, self.path(k))
+            self._write_manifest()
+        except OSError as e:
+            tmp.unlink(missing_ok=True)
+            if e.errno == errno.ENOSPC:
+                per_image = images.nbytes // max(1, images.shape[0])
+                raise DiskFullError(self.path(k), (self.num_samples - lo) * per_image + 2**20) from None
+            raise
 
     def _write_manifest(self) -> None:
         done = [k for k in range(self.num_shards) if self.is_done(k)]
@@ -66,4 +131,21 @@ class ShardStore:
         if not self.complete:
             missing = [k for k in range(self.num_shards) if not self.is_done(k)]
             raise FileNotFoundError(f"samples in {self.root} are incomplete: shards {missing[:5]} missing")
-        return np.concatenate([np.load(self.path(k))["images"] for k in range(self.num_shards)])
+        return np.concatenate([self.load(k) for k in range(self.num_shards)])
+
+    def load(self, k: int) -> np.ndarray:
+        """Shard k's images; a file that does not load is moved aside and named in :class:`CorruptShardError`."""
+        path = self.path(k)
+        try:
+            with np.load(path) as z:
+                images = z["images"]
+            lo, hi = self.shard_range(k)
+            if images.dtype != np.uint8 or images.shape[0] != hi - lo:
+                raise ValueError(f"holds {images.shape} {images.dtype}, expected {hi - lo} uint8 images")
+            return images
+        except FileNotFoundError:
+            raise
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
+            bad = self.quarantine(k)
+            raise CorruptShardError(f"sample shard {path} does not load ({type(e).__name__}: {e}); moved to {bad}: "
+                                    "rerun the same command to make it again") from None

@@ -85,7 +85,8 @@ class SpecError(ValueError):
 
 
 def _split(text: str) -> list[str]:
-    return [s.strip() for s in text.split(",") if s.strip()]
+    """A comma list, blanks dropped and repeats removed (first occurrence kept): ``w8a8,w8a8`` is one entry."""
+    return list(dict.fromkeys(s.strip() for s in text.split(",") if s.strip()))
 
 
 def resolve_methods(text: str) -> list[str]:
@@ -129,7 +130,7 @@ def resolve_bits(text: str) -> list[str]:
             bits.append(str(BitConfig.parse(b)))
         except ValueError as e:
             raise SpecError(str(e)) from None
-    return bits
+    return list(dict.fromkeys(bits))  # W8A8 and w8a8 are one bit-width
 
 
 def expand(
@@ -147,8 +148,14 @@ def expand(
     """Expand a sweep into run specs; raise :class:`SpecError` before anything runs on bad input.
 
     The FP reference of every (model, seed) is always included and comes first, since
-    the paired metrics of every quantized run compare against its samples.
+    the paired metrics of every quantized run compare against its samples. Repeated entries
+    (``--bits w8a8,w8a8``, ``--seeds 0,0``) are one run: the list has no two specs with one hash.
+    ``num_samples``/``steps`` of ``None`` take the protocol's (or the model's) value; 0 or less is an error.
     """
+    for flag, value in (("--num-samples", num_samples), ("--steps", steps)):
+        if value is not None and value < 1:
+            raise SpecError(f"{flag} must be at least 1 (got {value}): pass a positive count, "
+                            f"or leave {flag} out for the protocol's")
     if protocol not in PROTOCOLS:
         raise SpecError(f"unknown protocol {protocol!r}: use one of {', '.join(PROTOCOLS)}")
     if preset is not None and preset not in PRESETS:
@@ -161,11 +168,13 @@ def expand(
     bit_list = resolve_bits(bits_text)
     if not bit_list:
         raise SpecError("no bit-widths given: pass e.g. --bits w8a8,w4a8")
-    seeds = seeds if seeds else [0]
+    seeds = list(dict.fromkeys(seeds)) if seeds else [0]
+    if any(seed < 0 for seed in seeds):
+        raise SpecError(f"--seeds must be non-negative integers (got {min(seeds)}): pass e.g. --seeds 0,1,2")
     specs: list[RunSpec] = []
     for model in models:
-        n = num_samples or proto.num_samples or model.num_samples
-        s = steps or proto.steps or model.steps
+        n = num_samples if num_samples is not None else proto.num_samples or model.num_samples
+        s = steps if steps is not None else proto.steps or model.steps
         if n < 1 or s < 1:
             raise SpecError(f"--num-samples and --steps must be positive (got {n}, {s})")
         for seed in seeds:
@@ -181,4 +190,7 @@ def expand(
                 for bits in bit_list:
                     cfg = cls.config_cls.from_preset(common["preset"]).to_dict()
                     specs.append(RunSpec(method=name, bits=bits, scope=scope, method_config=cfg, **common))
-    return specs
+    unique: dict[str, RunSpec] = {}
+    for spec in specs:  # e.g. one local model named twice: first occurrence wins
+        unique.setdefault(spec.config_hash, spec)
+    return list(unique.values())

@@ -6,19 +6,91 @@ first in the list. The paired metrics of a quantized run read the FP samples of 
 driver (:func:`harness.runner.add_paired_metrics`) as soon as the reference finishes, and is
 mirrored then. The driver is the only MLflow writer; it mirrors each run as it is final, and
 again (idempotently) on every rerun, so nothing is lost or duplicated.
+
+The driver holds a lock on ``--out`` (``OUT/.bench.lock``, :func:`sweep_lock`) for the whole sweep,
+so the MLflow store is created and migrated once and a child run is looked up and created by one
+process at a time; a second sweep on the same directory stops at once with :class:`SweepLocked`
+(exit 2, naming the holder's pid). Workers (gpus, Slurm, torchrun) never take it: they only write
+``results.json`` files. A ``results.json`` that says complete while its sample shards are missing
+or damaged is not trusted: it is renamed ``results.json.untrusted`` and the run is made again.
+An interrupted sweep (Ctrl-C) ends its parent run KILLED.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
-from collections.abc import Callable
+import json
+import os
+import socket
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
+from filelock import FileLock, Timeout
 from tqdm import tqdm
 
 from harness.runner import RunOptions, add_paired_metrics, is_complete, needs_paired, run_dir, run_one
+from harness.shards import DiskFullError, ShardStore
 from harness.spec import RunSpec
-from harness.tracking import Tracker, read_results
+from harness.tracking import RESULTS, Tracker, prepare_store, read_results
+
+LOCK_NAME = ".bench.lock"
+OWNER_NAME = ".bench.lock.owner"
+
+
+class SweepLocked(RuntimeError):
+    """Another sweep holds the ``--out`` lock; ``str(e)`` is one line naming its pid."""
+
+
+@contextlib.contextmanager
+def sweep_lock(out: Path) -> Iterator[None]:
+    """Hold ``OUT/.bench.lock`` (an OS file lock, released when the process dies however it dies).
+
+    Raises :class:`SweepLocked` at once when another process holds it. ``OUT/.bench.lock.owner``
+    says who holds it (pid, host, start time), for the message.
+    """
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(out / LOCK_NAME))
+    owner = out / OWNER_NAME
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        who = ""
+        for _ in range(20):  # the holder writes its owner file right after taking the lock
+            try:
+                info = json.loads(owner.read_text())
+                who = f"pid {info['pid']} on {info['host']}, since {info['since']}"
+                break
+            except (OSError, ValueError, KeyError):
+                time.sleep(0.1)
+        raise SweepLocked(f"--out {out} is in use by another bench run ({who or 'pid unknown'}): wait for it to "
+                          f"finish (rerunning then resumes), or pass another --out") from None
+    try:
+        tmp = owner.with_name(f"{OWNER_NAME}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                                   "since": time.strftime("%Y-%m-%d %H:%M:%S")}))
+        os.replace(tmp, owner)
+        yield
+    finally:
+        owner.unlink(missing_ok=True)
+        lock.release()
+
+
+def trusted_complete(spec: RunSpec, out: Path) -> bool:
+    """``is_complete``, and its sample shards all exist and are intact; a complete ``results.json``
+    without them is renamed ``results.json.untrusted`` (kept, not deleted) so the run is made again."""
+    if not is_complete(spec, out):
+        return False
+    store = ShardStore(run_dir(spec, out) / "samples", spec.num_samples)
+    store.verify()  # damaged shards -> *.corrupt
+    if store.complete:
+        return True
+    res = run_dir(spec, out) / RESULTS
+    os.replace(res, res.with_name(RESULTS + ".untrusted"))
+    return False
 
 
 @dataclass
@@ -44,17 +116,53 @@ Executor = Callable[[list[RunSpec], RunOptions, Callable[[RunSpec], None]], None
 
 def local_executor(specs: list[RunSpec], opts: RunOptions, on_done: Callable[[RunSpec], None]) -> None:
     for spec in tqdm(specs, desc="sweep", unit="run"):
-        run_one(spec, opts)
+        res = run_one(spec, opts)
         on_done(spec)
+        error = str(res.get("error", ""))
+        if error.startswith(f"{DiskFullError.__name__}: "):  # the next runs would fail the same way: stop here
+            raise DiskFullError("", 0, message=error.removeprefix(f"{DiskFullError.__name__}: "))
 
 
 def run_sweep(
     specs: list[RunSpec], opts: RunOptions, tracking_uri: str, sweep_args: dict, executor: Executor = local_executor
 ) -> SweepOutcome:
+    """Run the sweep under the ``--out`` lock (:class:`SweepLocked` if another sweep holds it)."""
+    specs = list({s.config_hash: s for s in specs}.values())  # one run per spec, however often it was listed
+    with sweep_lock(opts.out):
+        note = prepare_store(tracking_uri)  # created and migrated once, under the lock
+        if note:
+            tqdm.write(f"bench: {note}")
+        return _run_locked(specs, opts, tracking_uri, sweep_args, executor)
+
+
+def _run_locked(specs: list[RunSpec], opts: RunOptions, tracking_uri: str, sweep_args: dict,
+                executor: Executor) -> SweepOutcome:
     outcome = SweepOutcome()
     protocols = sorted({s.protocol for s in specs})
     trackers = {p: Tracker(tracking_uri, p, sweep_hash(specs), sweep_args) for p in protocols}
+    try:
+        _drive(specs, opts, executor, trackers, outcome)
+    except KeyboardInterrupt:
+        _finish_all(trackers, False, "KILLED")
+        raise
+    except BaseException:
+        _finish_all(trackers, False, "FAILED")
+        raise
+    _finish_all(trackers, outcome.ok)
+    return outcome
 
+
+def _finish_all(trackers: dict[str, Tracker], ok: bool, status: str | None = None) -> None:
+    for tracker in trackers.values():
+        try:
+            tracker.finish(ok, status)
+        except Exception:  # the store itself may be what failed (disk full): the runs' files are kept
+            if status is None:
+                raise
+
+
+def _drive(specs: list[RunSpec], opts: RunOptions, executor: Executor, trackers: dict[str, Tracker],
+           outcome: SweepOutcome) -> None:
     def mirror(spec: RunSpec) -> None:
         res = read_results(run_dir(spec, opts.out))
         if res is None:
@@ -68,7 +176,7 @@ def run_sweep(
 
     todo = []
     for spec in specs:
-        if is_complete(spec, opts.out):
+        if trusted_complete(spec, opts.out):
             outcome.skipped.append(spec.run_name)
             add_paired_metrics(spec, opts.out)  # in case the driver died before filling them in
             trackers[spec.protocol].mirror(run_dir(spec, opts.out), read_results(run_dir(spec, opts.out)))
@@ -99,6 +207,3 @@ def run_sweep(
     for deps in waiting.values():  # the FP reference never finished: mirror what exists
         for dep in deps:
             mirror(dep)
-    for tracker in trackers.values():
-        tracker.finish(outcome.ok)
-    return outcome

@@ -5,21 +5,32 @@ Every run writes ``results.json`` (atomically) with the top-level keys ``spec``,
 ``status`` (plus ``facts`` and ``error``). Workers only write files; the single driver
 process mirrors them into MLflow (SQLite takes one writer), idempotently: a spec's
 child run is found again by its ``config_hash`` tag, so a rerun never duplicates it.
+
+The store is created and migrated by :func:`prepare_store`, which the sweep driver calls while it
+holds the ``--out`` lock (harness/sweep.py): two sweeps never migrate one SQLite file at once, and a
+file left half-migrated by a killed process (an ``_alembic_tmp_*`` table, a schema version that is
+not MLflow's head) is repaired, or moved aside and rebuilt from the ``results.json`` files.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
 import platform
+import shutil
+import sqlite3
 import subprocess
+import time
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
 import mlflow
 from mlflow.tracking import MlflowClient
+
+from harness.shards import DiskFullError
 
 RESULTS = "results.json"
 PACKAGES = ("torch", "diffusers", "torch-fidelity", "clean-fid", "mlflow", "numpy", "dmqbench")
@@ -50,8 +61,15 @@ def git_revision() -> str:
 def write_json_atomic(path: Path, data: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str))
-    os.replace(tmp, path)
+    text = json.dumps(data, indent=2, sort_keys=True, default=str)
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)  # no half-written temporary left behind; the old file is intact
+        if e.errno == errno.ENOSPC:
+            raise DiskFullError(path, len(text.encode())) from None
+        raise
 
 
 def read_results(run_dir: Path) -> dict[str, Any] | None:
@@ -66,6 +84,146 @@ def read_results(run_dir: Path) -> dict[str, Any] | None:
 
 def default_tracking_uri(out: Path) -> str:
     return f"sqlite:///{Path(out).resolve() / 'mlflow.db'}"
+
+
+class StoreError(RuntimeError):
+    """The MLflow store cannot be opened or repaired; ``str(e)`` is one line with the fix."""
+
+
+def is_disk_full(error: BaseException) -> bool:
+    """ENOSPC anywhere in the exception chain, or SQLite's "database or disk is full"."""
+    seen = set()
+    e: BaseException | None = error
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+            return True
+        if "database or disk is full" in str(e):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def sqlite_path(tracking_uri: str) -> Path | None:
+    """The database file of a ``sqlite:///PATH`` URI (None for other stores and in-memory SQLite)."""
+    if not tracking_uri.startswith("sqlite://"):
+        return None
+    rest = tracking_uri[len("sqlite://"):]
+    path = rest[1:] if rest.startswith("/") else rest
+    return None if path in ("", ":memory:") else Path(path)
+
+
+def _head_revision() -> str | None:
+    try:
+        from mlflow.store.db.utils import _get_latest_schema_revision
+
+        return _get_latest_schema_revision()
+    except Exception:  # private API moved: skip the version check, keep the other checks
+        return None
+
+
+def store_problem(path: Path) -> str | None:
+    """Why the SQLite store at ``path`` is not a fully migrated MLflow store, or None (also for an empty file)."""
+    try:
+        con = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        try:
+            tables = {r[0] for r in con.execute("select name from sqlite_master where type = 'table'")}
+            version = (con.execute("select version_num from alembic_version").fetchall()
+                       if "alembic_version" in tables else [])
+        finally:
+            con.close()
+    except sqlite3.DatabaseError as e:
+        return f"not a readable SQLite database ({e})"
+    if not tables:
+        return None  # empty: MLflow creates the tables
+    tmp = sorted(t for t in tables if t.startswith("_alembic_tmp_"))
+    if tmp:
+        return f"an interrupted schema migration left {', '.join(tmp)}"
+    if not version:
+        return "it has MLflow tables but no alembic_version row"
+    head = _head_revision()
+    if head is not None and version[0][0] != head:
+        return f"schema version {version[0][0]}, MLflow {mlflow.__version__} expects {head}"
+    return None
+
+
+def _count_runs(path: Path) -> int:
+    try:
+        con = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        try:
+            return int(con.execute("select count(*) from runs").fetchone()[0])
+        finally:
+            con.close()
+    except sqlite3.DatabaseError:
+        return 0
+
+
+def _fix_in_place(path: Path) -> None:
+    """Finish or undo the batch table copies alembic left, then run MLflow's migrations to the head."""
+    import sqlalchemy
+    from mlflow.store.db.utils import _upgrade_db
+
+    con = sqlite3.connect(path)
+    try:
+        tables = {r[0] for r in con.execute("select name from sqlite_master where type = 'table'")}
+        for tmp in sorted(t for t in tables if t.startswith("_alembic_tmp_")):
+            orig = tmp.removeprefix("_alembic_tmp_")
+            if orig in tables:  # the copy never replaced the original: drop the copy
+                con.execute(f'drop table "{tmp}"')
+            else:  # the original was dropped before the rename: the copy is the table
+                con.execute(f'alter table "{tmp}" rename to "{orig}"')
+        con.commit()
+    finally:
+        con.close()
+    engine = sqlalchemy.create_engine(f"sqlite:///{path}")
+    try:
+        _upgrade_db(engine)
+    finally:
+        engine.dispose()
+    problem = store_problem(path)
+    if problem:
+        raise StoreError(problem)
+
+
+def _repair(path: Path, problem: str) -> str:
+    """Repair a broken store; returns the one-line note for the user."""
+    if _count_runs(path) == 0:  # a store that never held a run: start it afresh
+        path.unlink()
+        return f"MLflow store {path} was broken ({problem}) and held no runs: created afresh"
+    backup = path.with_name(f"{path.name}.broken-{time.strftime('%Y%m%d-%H%M%S')}")
+    shutil.copy2(path, backup)
+    try:
+        _fix_in_place(path)
+        return f"MLflow store {path} was broken ({problem}): repaired (a copy of the old file is in {backup})"
+    except Exception as e:
+        if is_disk_full(e):
+            raise
+        path.unlink()
+        return (f"MLflow store {path} was broken ({problem}) and could not be migrated: moved to {backup} and "
+                "created afresh; this sweep's runs are mirrored again from their results.json (rerun other sweeps "
+                "on this --out to mirror theirs)")
+
+
+def prepare_store(tracking_uri: str) -> str | None:
+    """Create and migrate the store once, repairing a broken SQLite file first. Call it while holding the
+    ``--out`` lock. Returns a one-line note when something was repaired; raises :class:`StoreError`
+    (one line) when the store cannot be opened, :class:`DiskFullError` when the disk is full."""
+    path = sqlite_path(tracking_uri)
+    note = None
+    if path is not None and path.is_file() and path.stat().st_size > 0:
+        problem = store_problem(path)
+        if problem:
+            note = _repair(path, problem)
+    try:
+        MlflowClient(tracking_uri).search_experiments(max_results=1)  # creates and migrates the tables
+    except Exception as e:
+        if path is not None and is_disk_full(e):
+            raise DiskFullError(path, 64 * 2**20) from None
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        fix = f"move {path} aside and rerun (the runs are mirrored again from results.json)" if path else \
+            "check that the tracking server or database is up and at a supported MLflow version"
+        raise StoreError(f"MLflow store {path or tracking_uri} does not open ({first}): {fix}") from None
+    return note
 
 
 def _flatten(prefix: str, value: Any, out: dict[str, str]) -> None:
@@ -143,8 +301,9 @@ class Tracker:
         self.client.set_terminated(run_id, "FINISHED" if results["status"] == "complete" else "FAILED")
         return run_id
 
-    def finish(self, ok: bool) -> None:
-        self.client.set_terminated(self.parent_id, "FINISHED" if ok else "FAILED")
+    def finish(self, ok: bool, status: str | None = None) -> None:
+        """End the sweep's parent run: FINISHED or FAILED by ``ok``, or ``status`` (e.g. KILLED) when given."""
+        self.client.set_terminated(self.parent_id, status or ("FINISHED" if ok else "FAILED"))
 
 
 def _digest(metrics: dict) -> str:
