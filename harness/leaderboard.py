@@ -57,10 +57,26 @@ def summarise(long: pd.DataFrame) -> pd.DataFrame:
     return g.agg(mean="mean", std="std", n="count").reset_index()
 
 
+INF_AT = 1e308  # MLflow stores ±Inf as ±1.7976931348623157e308
+
+
+def fmt_value(x: float, spec: str = ".4g") -> str:
+    """A metric value for a table: ±Inf (or MLflow's ±1.798e+308 stand-in) as "∞", NaN as "—"; never a number."""
+    if x is None or pd.isna(x):
+        return "—"
+    x = float(x)
+    if abs(x) >= INF_AT:
+        return "∞" if x > 0 else "-∞"
+    return format(x, spec)
+
+
 def _cell(row: pd.Series) -> str:
-    if row["n"] > 1 and pd.notna(row["std"]):
-        return f"{row['mean']:.4g} ± {row['std']:.2g}"
-    return f"{row['mean']:.4g}"
+    mean = float(row["mean"]) if pd.notna(row["mean"]) else float("nan")
+    if pd.isna(mean) or abs(mean) >= INF_AT:
+        return fmt_value(mean)
+    if row["n"] > 1 and pd.notna(row["std"]) and abs(float(row["std"])) < INF_AT:
+        return f"{fmt_value(mean)} ± {fmt_value(row['std'], '.2g')}"
+    return fmt_value(mean)
 
 
 def _metric_order(metrics: list[str]) -> list[str]:

@@ -13,6 +13,9 @@ A metric regresses when it is worse than the baseline by more than ``abs + rel *
 in the metric's own direction (lower is better for FID, sFID, KID, MSEs; higher for IS and
 PSNR). Better by more than the window is "improved" (not a failure). A baseline run with no
 complete result, or a failed run, is a regression; a result with no baseline entry is "new".
+A non-finite current value (NaN, ±Inf) is a regression, except the same infinity as the
+baseline's (FP's PSNR against its own samples is +Inf). ``--update`` takes the protocol from
+the runs' specs (or ``--protocol``), never from the baseline's file name.
 """
 
 from __future__ import annotations
@@ -160,10 +163,11 @@ def judge(metric: str, base: float, cur: float, tol: dict) -> tuple[str, str]:
     window = " + ".join(x for x in ([f"{a:g}"] if a else []) + ([f"{r:.0%}"] if r else [])) or "exact"
     if tol.get("ignore"):
         return IGNORED, "ignored"
+    cur, base = _inf(cur), _inf(base)
     if cur == base:
-        return OK, window
-    if math.isnan(cur):
-        return REGRESSED, window
+        return OK, window  # also the same infinity (FP's PSNR to itself)
+    if not math.isfinite(cur):
+        return REGRESSED, window + " (non-finite)"
     d = cur - base
     sign = direction(metric)
     if sign == 0:
@@ -205,7 +209,9 @@ def compare(baseline: dict, results: dict[tuple, dict], baseline_path: str = "")
                 report.rows.append(Row(label, metric, float(base), None, verdict, note="metric not in results"))
                 continue
             verdict, window = judge(metric, float(base), float(cur), tol)
-            report.rows.append(Row(label, metric, float(base), float(cur), verdict, window, note))
+            why = "non-finite value" if not math.isfinite(_inf(float(cur))) and verdict == REGRESSED else ""
+            report.rows.append(Row(label, metric, float(base), float(cur), verdict, window,
+                                   "; ".join(x for x in (note, why) if x)))
         for metric in sorted(set(cur_metrics) - set(entry["metrics"])):
             if isinstance(cur_metrics[metric], int | float):
                 report.rows.append(Row(label, metric, None, float(cur_metrics[metric]), NEW, note="not in baseline"))
@@ -215,10 +221,32 @@ def compare(baseline: dict, results: dict[tuple, dict], baseline_path: str = "")
     return report
 
 
+INF_AT = 1e308  # MLflow stores ±Inf as ±1.7976931348623157e308
+
+
+def _inf(x: float) -> float:
+    """±Inf for MLflow's stand-in ±1.798e+308; other values unchanged."""
+    return math.copysign(math.inf, x) if math.isfinite(x) and abs(x) >= INF_AT else x
+
+
 def _fmt(x: float | None) -> str:
+    """A value for the table: never a huge number or "nan" that could be read as a score."""
     if x is None:
         return "—"
+    x = _inf(x)
+    if math.isnan(x):
+        return "NaN (failure)"
+    if math.isinf(x):
+        return "∞" if x > 0 else "-∞"
     return f"{x:.6g}"
+
+
+def _fmt_delta(d: float | None) -> str:
+    if d is None or math.isnan(d):
+        return "—"
+    if math.isinf(d) or abs(d) >= INF_AT:
+        return "+∞" if d > 0 else "-∞"
+    return f"{d:+.4g}"
 
 
 def to_markdown(report: Report) -> str:
@@ -236,7 +264,7 @@ def to_markdown(report: Report) -> str:
         arrow = {-1: " ↓", 1: " ↑", 0: ""}[direction(r.metric)] if r.metric != "(run)" else ""
         verdict = f"**{r.verdict}**" if r.verdict in FAILING else r.verdict
         lines.append(f"| {r.run} | `{r.metric}`{arrow} | {_fmt(r.baseline)} | {_fmt(r.current)} | "
-                     f"{'—' if r.delta is None else f'{r.delta:+.4g}'} | {'—' if rel is None else f'{rel:+.2%}'} | "
+                     f"{_fmt_delta(r.delta)} | {'—' if rel is None or not math.isfinite(rel) else f'{rel:+.2%}'} | "
                      f"{r.window} | {verdict} | {r.note} |")
     legend = "\n↓ lower is better, ↑ higher is better; window = abs + rel × |baseline| in the worse direction.\n"
     return head + "\n" + "\n".join(lines) + "\n" + legend
@@ -285,7 +313,26 @@ def check(out: Path, baseline_path: Path) -> Report:
     return compare(baseline, results, str(baseline_path))
 
 
+def run_protocols(out: Path) -> list[str]:
+    """The protocols of the runs under OUT/runs (from their specs)."""
+    return sorted({str(res["spec"].get("protocol")) for res in latest_results(out).values()})
+
+
+def update_protocol(out: Path, protocol: str | None = None) -> str:
+    """``protocol`` if given, else the one protocol of the runs under OUT (RegressError when there are several)."""
+    if protocol:
+        return protocol
+    found = run_protocols(out)
+    if not found:
+        raise RegressError(f"no results.json under {Path(out) / 'runs'}: run `bench run --out {out}` first")
+    if len(found) > 1:
+        raise RegressError(f"runs of several protocols under {Path(out) / 'runs'} ({', '.join(found)}): "
+                           "pass --protocol to choose the baseline's")
+    return found[0]
+
+
 def update(out: Path, baseline_path: Path, protocol: str | None = None) -> dict:
+    """Write the baseline from the runs' results; the protocol is ``protocol`` or the runs' (never the file name)."""
     baseline_path = Path(baseline_path)
     previous = None
     if baseline_path.is_file():
@@ -293,7 +340,7 @@ def update(out: Path, baseline_path: Path, protocol: str | None = None) -> dict:
             previous = json.loads(baseline_path.read_text())
         except json.JSONDecodeError:
             previous = None
-    proto = protocol or protocol_of(baseline_path, previous)
+    proto = update_protocol(out, protocol)
     results = latest_results(out, proto)
     if not results:
         raise RegressError(f"no results.json for protocol {proto!r} under {Path(out) / 'runs'}")

@@ -12,9 +12,10 @@ import click
 @click.option("--out", default="runs", show_default=True, type=click.Path(), help="the sweep's output directory")
 @click.option("--baseline", default=None, type=click.Path(),
               help="baseline JSON (default: results/baselines/<protocol>.json)")
-@click.option("--protocol", default="smoke", show_default=True, help="protocol, when --baseline is not given")
+@click.option("--protocol", default=None,
+              help="protocol (default: the baseline's; with --update, the runs' own; else smoke)")
 @click.option("--update", is_flag=True, help="write the baseline from the current results instead of checking")
-def command(out: str, baseline: str | None, protocol: str, update: bool) -> None:
+def command(out: str, baseline: str | None, protocol: str | None, update: bool) -> None:
     """Check results against baseline tolerance windows; exit 1 on a regression, 2 on bad input.
 
     Runs are matched by (model, protocol, method, bits, seed, preset, scope), so a changed
@@ -23,12 +24,14 @@ def command(out: str, baseline: str | None, protocol: str, update: bool) -> None
     """
     from harness import regress as R
 
-    path = Path(baseline) if baseline else Path("results") / "baselines" / f"{protocol}.json"
     try:
-        if update:
-            data = R.update(Path(out), path, protocol if baseline is None else None)
+        if update:  # the protocol comes from the runs' specs (or --protocol), never from a file name
+            proto = R.update_protocol(Path(out), protocol)
+            path = Path(baseline) if baseline else Path("results") / "baselines" / f"{proto}.json"
+            data = R.update(Path(out), path, proto)
             click.echo(f"wrote {path}: {len(data['runs'])} runs, protocol {data['protocol']!r}")
             sys.exit(0)
+        path = Path(baseline) if baseline else Path("results") / "baselines" / f"{protocol or 'smoke'}.json"
         report = R.check(Path(out), path)
     except R.RegressError as e:
         click.echo(f"bench regress: {e}", err=True)
