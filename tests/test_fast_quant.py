@@ -10,18 +10,18 @@ import torch
 from harness.generate import make_schedule
 from harness.sampling import SAMPLERS
 from methods.base import BitConfig
-from methods.quant.fast import FastQuantLayer, fast_denoiser, fused_fake_quant, step_tensor
+from methods.quant.base import fake_quant, fused_fake_quant
+from methods.quant.fast import FastQuantLayer, fast_denoiser
 from methods.quant.layers import QuantLayer
-from methods.quant.quantizer import fake_quant
 from methods.quant.step_table import StepTableQuantizer
 from methods.quant.surgery import UNIFORM, freeze_all, quant_layers
-from methods.quant.timestep import timestep_context
+from methods.quant.timestep import step_tensor, timestep_context
 from methods.rtn import RoundToNearest, RTNConfig
 from models.loading import load_model
 from models.registry import get_model
 
 
-def test_fused_fake_quant_matches_both_eager_formulas():
+def test_fused_fake_quant_matches_both_eager_formulas(monkeypatch):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(4, 8, 5, 5, generator=g) * 3
     scale, zp = torch.tensor(0.037), torch.tensor(12.0)
@@ -31,11 +31,17 @@ def test_fused_fake_quant_matches_both_eager_formulas():
     # per channel (broadcast scale) and low-precision input: math in fp32, result in the input dtype
     s_c = torch.rand(1, 8, 1, 1, generator=g) * 0.1 + 0.01
     z_c = torch.zeros(1, 8, 1, 1)
-    assert torch.equal(fused_fake_quant(x, s_c, z_c, -8, 7, False), fake_quant(x, s_c, z_c, -8, 7))
+    assert torch.equal(fused_fake_quant(x, s_c, z_c, -8, 7, reciprocal=False), fake_quant(x, s_c, z_c, -8, 7))
+    native_c = torch.fake_quantize_per_channel_affine(x, s_c.flatten(), z_c.flatten().int(), 1, -8, 7)
+    assert torch.equal(fused_fake_quant(x, s_c, z_c, -8, 7), native_c)
     xb = x.bfloat16()
     out = fused_fake_quant(xb, scale, zp, 0, 255)
     assert out.dtype == torch.bfloat16
     assert torch.equal(out, fused_fake_quant(xb.float(), scale, zp, 0, 255).bfloat16())
+    # Under torch.compile the reciprocal form is spelled elementwise: the same numbers as the native kernels.
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert torch.equal(fused_fake_quant(x, scale, zp, 0, 255), native)
+    assert torch.equal(fused_fake_quant(x, s_c, z_c, -8, 7), native_c)
 
 
 @pytest.fixture(scope="module")
@@ -100,11 +106,11 @@ def test_per_step_tables_indexed_on_device():
     fast = FastQuantLayer(layer, timesteps=[900, 500, 100])
     assert fast.acts[0]["per_step"]
     x = torch.randn(2, 4, 3, 3) * 2
-    from methods.quant.fast import sync_step
-
     for i, t in enumerate([900, 500, 100]):
-        with timestep_context(i, t, 3):
-            sync_step("cpu")
+        with timestep_context(i, t, 3):  # the context keeps the device step tensor current
+            assert int(step_tensor("cpu")) == i
+            with timestep_context(0, 900, 3):  # nested (e.g. a probe call): restored on exit
+                assert int(step_tensor("cpu")) == 0
             assert int(step_tensor("cpu")) == i
             assert torch.equal(fast(x), layer(x))
     with pytest.raises(TypeError):  # tables fitted on another schedule stay eager

@@ -10,11 +10,10 @@ from harness.generate import make_schedule
 from methods.quant.adaround import AdaRoundQuantizer
 from methods.quant.attention import AttentionRangeObserver, attention_processors, quantize_attention
 from methods.quant.calibrate import init_activation_ranges
-from methods.quant.layers import QuantLayer
+from methods.quant.layers import QuantLayer, quantizers_disabled
 from methods.quant.recon import (
     ReconConfig,
     _capture,
-    activation_quant,
     execution_order,
     find_units,
     lp_loss,
@@ -87,13 +86,17 @@ def test_capture_caches_resnet_args_and_fp_targets(setup):
         assert not torch.allclose(args[0], fp_args[0])
 
 
-def test_activation_quant_toggle(setup):
+def test_activations_disabled_in_a_whole_unet(setup):
     m, samples = setup
     d = quantized(m, samples)
-    with activation_quant(d.unet, False):
+    with quantizers_disabled(d.unet, acts=True):
         assert not any(layer.quant_act for layer in quant_layers(d.unet).values())
+        assert all(layer.quant_weight for layer in quant_layers(d.unet).values())
         assert not any(q.enabled for p in attention_processors(d.unet).values() for q in p.quantizers().values())
+        # a layer's own quantizers are gated by its flags, not switched themselves
+        assert all(q.enabled for layer in quant_layers(d.unet).values() for q in layer.act_quantizers())
     assert all(layer.quant_act for layer in quant_layers(d.unet).values())
+    assert all(q.enabled for p in attention_processors(d.unet).values() for q in p.quantizers().values())
 
 
 def test_reconstruct_whole_unet_hardens_and_improves_blocks(setup):
@@ -120,11 +123,11 @@ def test_reconstruct_whole_unet_hardens_and_improves_blocks(setup):
 def test_learned_step_is_stored_positive(setup):
     """Training quantizes with |s|, the fused inference kernel with s: a step Adam pushed below zero must come
     out of the unit as |s| (a negative step mirrors the clipping range in the fused kernel)."""
-    from methods.quant.recon import Unit, make_learnable, reconstruct_unit
+    from methods.quant.recon import Unit, reconstruct_unit
 
     layer = QuantLayer(torch.nn.Linear(4, 3), 16, 8, False)
     layer.act_quantizer.init_range(torch.linspace(-1, 1, 50))
-    s = make_learnable(layer.act_quantizer)
+    s = layer.act_quantizer.learnable_step()
     with torch.no_grad():
         s.neg_()
     x = torch.randn(16, 4)
@@ -139,3 +142,47 @@ def test_learned_step_is_stored_positive(setup):
     with torch.enable_grad():
         training = layer(x)
     torch.testing.assert_close(inference, training.detach())
+
+
+def test_recon_learns_the_step_any_quantizer_declares():
+    """LSQ in reconstruction goes through Quantizer.learnable_step / settle_step, not a class check."""
+    from torch import nn
+
+    from methods.quant.base import Quantizer, fake_quant
+    from methods.quant.recon import Unit, reconstruct_unit
+
+    class PerTensorStep(Quantizer):  # a quantizer that is not a UniformQuantizer
+        def __init__(self):
+            super().__init__(4)
+            self.step = nn.Parameter(torch.tensor(0.3))
+            self.settled = False
+
+        def learnable_step(self):
+            return self.step
+
+        def settle_step(self):
+            self.settled = True
+            self.step.requires_grad_(False)
+
+        def forward(self, x):
+            return fake_quant(x, self.step, torch.tensor(8.0), *self.qmin_qmax) if self.active else x
+
+    class Fixed(PerTensorStep):
+        def learnable_step(self):
+            return None
+
+    layer = QuantLayer(torch.nn.Linear(4, 3), 16, 4, False)
+    layer.act_quantizer = PerTensorStep()
+    other = QuantLayer(torch.nn.Linear(3, 2), 16, 4, False)
+    other.act_quantizer = Fixed()
+    unit = torch.nn.Sequential(layer, other)
+    x = torch.randn(16, 4)
+    with torch.no_grad():
+        target = unit(x) * 1.5
+    cfg = ReconConfig(iters=3, batch_size=8, learn_weights=False, learn_acts=True, act_quant=True, a_lr=1e-2,
+                      progress=False)
+    stats = reconstruct_unit(Unit("u", unit, "block", {"0": layer, "1": other}), ([x], {}, 16), target, cfg,
+                             torch.Generator().manual_seed(0))
+    assert stats["iters"] == 3
+    assert layer.act_quantizer.step.item() != pytest.approx(0.3, abs=1e-6) and layer.act_quantizer.settled
+    assert other.act_quantizer.step.item() == pytest.approx(0.3) and not other.act_quantizer.settled

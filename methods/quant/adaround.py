@@ -21,7 +21,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from methods.quant.quantizer import OFF_BITS, UniformQuantizer, qrange
+from methods.quant.base import Quantizer
+from methods.quant.quantizer import UniformQuantizer
 
 ZETA, GAMMA = 1.1, -0.1  # stretch of the rectified sigmoid (AdaRound Eq. 23)
 
@@ -44,32 +45,23 @@ def beta_schedule(it: int, iters: int, warmup: float = 0.2, start: float = 20.0,
     return end + (start - end) * max(0.0, 1.0 - rel)
 
 
-class AdaRoundQuantizer(nn.Module):
+class AdaRoundQuantizer(Quantizer):
     """Weight fake quantizer with learnable rounding; the range (scale, zero point) is fixed."""
 
     def __init__(self, base: UniformQuantizer, weight: torch.Tensor) -> None:
-        super().__init__()
         if not base.initialized:
             raise ValueError("initialise the weight quantizer's range before attaching AdaRound")
-        self.bits, self.symmetric, self.channel_axis = base.bits, base.symmetric, base.channel_axis
-        self.learnable = False
+        super().__init__(base.bits, base.symmetric, base.channel_axis)
+        self.learnable = False  # the step is fixed; what is learned is the rounding
         self.enabled = base.enabled
         scale = base.scale.detach().abs().clamp_min(1e-8) if base.learnable else base.scale.detach()
         self.register_buffer("scale", scale.clone())
         self.register_buffer("zero_point", base.zero_point.detach().clone())
-        self.register_buffer("initialized", torch.tensor(True))
+        self.register_buffer("initialized", torch.tensor(True))  # kept: saved models carry it
         w = weight.detach() / self.scale
         frac = (w - w.floor()).clamp(1e-4, 1 - 1e-4)  # keep V finite at exact integers
         self.alpha = nn.Parameter(inverse_rectified_sigmoid(frac))
         self.register_buffer("hard_offsets", None)  # 0/1 per weight once hardened
-
-    @property
-    def active(self) -> bool:
-        return self.enabled and self.bits < OFF_BITS
-
-    @property
-    def qmin_qmax(self) -> tuple[int, int]:
-        return qrange(self.bits, self.symmetric)
 
     @property
     def hardened(self) -> bool:
@@ -102,11 +94,11 @@ class AdaRoundQuantizer(nn.Module):
         return (torch.clamp(w_floor + offsets + self.zero_point, qmin, qmax) - self.zero_point) * self.scale
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        # A hardened quantizer saves ``hard_offsets`` and no ``alpha``: rebuild the same shape.
+        # A hardened quantizer saves ``hard_offsets`` and no ``alpha``: harden the structure too
+        # (the base class then sizes ``hard_offsets`` from the saved tensor).
         if (prefix + "hard_offsets") in state_dict and self.hard_offsets is None:
             del self.alpha
             self.alpha = None
-            self.hard_offsets = torch.empty_like(state_dict[prefix + "hard_offsets"])
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def extra_repr(self) -> str:

@@ -20,9 +20,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from methods.quant.calibrate import Batch, call_at_step, iterate_by_step
-from methods.quant.quantizer import OFF_BITS, UniformQuantizer
-from models.denoiser import Denoiser
+from methods.quant.base import OFF_BITS
+from methods.quant.layers import quantizers_disabled
+from methods.quant.quantizer import UniformQuantizer
 
 MATMUL_INPUTS = ("q", "k", "probs", "v")
 
@@ -152,17 +152,19 @@ class AttentionRangeObserver:
         return observe
 
     def __enter__(self) -> AttentionRangeObserver:
+        # The observer records what the matmuls see unquantized; the layers' own switches are
+        # not touched (init_activation_ranges handles those when both share one pass).
+        self._off = quantizers_disabled(list(self.procs.values()), acts=True)
+        self._off.__enter__()
         for name, proc in self.procs.items():
             proc.observer = self._observer(name)
-            for q in proc.quantizers().values():
-                q.enabled = False
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
+        self._off.__exit__(exc_type, exc, tb)
         for name, proc in self.procs.items():
             proc.observer = None
             for qname, q in proc.quantizers().items():
-                q.enabled = True
                 key = f"{name}/{qname}"
                 if exc_type is not None or key not in self.lo:
                     continue
@@ -171,13 +173,3 @@ class AttentionRangeObserver:
                 else:
                     q.set_range(self.lo[key], self.hi[key])
 
-
-@torch.no_grad()
-def init_attention_ranges(
-    denoiser: Denoiser, samples: Batch, num_steps: int, method: str = "minmax", p: float = 2.4,
-    batch_size: int = 32, device: torch.device | str = "cpu",
-) -> None:
-    """Fit the matmul quantizers of every :class:`QuantAttnProcessor` on a calibration pass of its own."""
-    with AttentionRangeObserver(denoiser.unet, method, p):
-        for batch in iterate_by_step(samples, batch_size, num_steps):
-            call_at_step(denoiser, batch, num_steps, device)

@@ -11,14 +11,14 @@ from collections.abc import Callable, Iterator
 
 import torch
 
-from methods.quant.layers import QuantLayer
+from methods.quant.layers import QuantLayer, quantizers_disabled
 from methods.quant.timestep import timestep_context
 from models.denoiser import Denoiser
 
 Batch = dict[str, torch.Tensor | None]
 
 
-def iterate_by_step(samples: Batch, batch_size: int, num_steps: int) -> Iterator[Batch]:
+def iterate_by_step(samples: Batch, batch_size: int) -> Iterator[Batch]:
     """Yield batches of at most ``batch_size`` samples that share one step index."""
     steps = samples["step"]
     for s in torch.unique(steps).tolist():
@@ -47,19 +47,15 @@ def observe_layer_inputs(
     device: torch.device | str = "cpu",
 ) -> None:
     """Forward the samples with activation quantization off; report each layer's input."""
-    saved = {n: layer.quant_act for n, layer in layers.items()}
-    handles = []
-    for name, layer in layers.items():
-        layer.quant_act = False
-        handles.append(layer.register_forward_pre_hook(lambda mod, args, name=name: on_input(name, args[0])))
+    handles = [layer.register_forward_pre_hook(lambda mod, args, name=name: on_input(name, args[0]))
+               for name, layer in layers.items()]
     try:
-        for batch in iterate_by_step(samples, batch_size, num_steps):
-            call_at_step(denoiser, batch, num_steps, device)
+        with quantizers_disabled(layers.values(), acts=True):
+            for batch in iterate_by_step(samples, batch_size):
+                call_at_step(denoiser, batch, num_steps, device)
     finally:
         for h in handles:
             h.remove()
-        for name, layer in layers.items():
-            layer.quant_act = saved[name]
 
 
 @torch.no_grad()

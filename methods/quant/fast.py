@@ -5,24 +5,23 @@ A calibrated, frozen quantized UNet is converted for sampling speed:
 * :class:`FastQuantLayer` replaces each plain :class:`QuantLayer`: the fake-quantized weight
   is computed once and stored *instead of* the FP weight (same weight memory as FP),
   every range and flag is resolved at conversion, and the input activation goes through
-  :func:`fused_fake_quant` (quant-dequant in fp32, returned in the input's dtype: one
-  elementwise kernel under ``torch.compile``). Its Python work per call is that of an
+  :func:`~methods.quant.base.fused_fake_quant` (quant-dequant in fp32, returned in the input's
+  dtype: one pass over the tensor, eager or compiled). Its Python work per call is that of an
   ``nn.Conv2d``: no ``bool(tensor)`` (GPU syncs) and no per-layer timestep lookups.
-* per-timestep parameters: ``StepTableQuantizer`` tables (ADP-DM, TDQ) calibrated on the
-  sampling schedule, or any quantizer exposing ``fast_params() -> (scale[S, ...],
-  zero_point[S, ...], qmin, qmax, channel_axis)``, keep their tables on the device; the layer indexes them
-  with one shared device tensor (:func:`step_tensor`) that the wrapper fills once per
-  denoiser call from the sampler's timestep context. Graphs therefore do not depend on
-  the step value (no recompilation per step) and the lookup costs no host work per layer.
+* every input quantizer is converted through its :meth:`~methods.quant.base.Quantizer.fast_params`
+  (static ranges, or per-step tables calibrated on the sampling schedule: ADP-DM, TDQ). Per-step
+  tables stay on the device and are indexed with the timestep context's device tensor
+  (:func:`methods.quant.timestep.step_tensor`), so graphs do not depend on the step value (no
+  recompilation per step) and the lookup costs no host work per layer.
 * :func:`fast_denoiser`: optional ``torch.compile`` of the whole UNet and optional
   bf16/fp16 autocast. Numerically safe split: the UNet body runs in the low precision,
   fake quantization math stays fp32 (a bf16 ``x / s`` would round to the wrong level), the
   UNet output is returned in fp32 (guidance and the sampler update run in fp32), and the
   autoencoder/text encoder are untouched.
 
-Layers of other types (a method's own QuantLayer subclass, attention-matmul quantizers,
-quantizers of unknown type without ``fast_params``) are left as they are: correct, only
-not accelerated (:func:`convert_quant_layers` reports how many were converted).
+Layers of other types (a method's own QuantLayer subclass) and quantizers without a static form
+(``fast_params`` raises TypeError) are left as they are: correct, only not accelerated
+(:func:`convert_quant_layers` reports how many were converted).
 """
 
 from __future__ import annotations
@@ -35,51 +34,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from methods.quant.base import FastParams, Quantizer, broadcast_channels, fused_fake_quant
 from methods.quant.layers import QuantLayer
-from methods.quant.quantizer import UniformQuantizer, qrange
-from methods.quant.step_table import StepTableQuantizer, broadcast_channels
-from methods.quant.timestep import current_step
+from methods.quant.timestep import step_tensor
 from models.denoiser import Denoiser
 
 DTYPES = {"fp32": None, "float32": None, "none": None, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
           "fp16": torch.float16, "float16": torch.float16}
-
-_STEP: dict[str, torch.Tensor] = {}
-
-
-def fused_fake_quant(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int,
-                     reciprocal: bool = True) -> torch.Tensor:
-    """Inference quant-dequant in fp32, cast back to x's dtype: one elementwise kernel under ``torch.compile``.
-
-    ``reciprocal=True``: ``s * (clamp(round(x * (1/s)) + z, qmin, qmax) - z)``, the arithmetic of
-    PyTorch's ``fake_quantize_per_*_affine`` kernels that ``UniformQuantizer`` uses at inference
-    (bit-identical to it). ``reciprocal=False``: ``round(x / s)``, bit-identical to
-    :func:`methods.quant.quantizer.fake_quant` (whose STE ``(round(y) - y) + y`` is exact), as
-    ``StepTableQuantizer`` computes. The two differ only where ``x / s`` lies within an ulp of a
-    rounding boundary. Scales and zero points broadcast against ``x`` (per tensor or per channel).
-    """
-    xf = x.float()
-    y = xf * torch.reciprocal(scale) if reciprocal else xf / scale
-    q = torch.clamp(torch.round(y) + zero_point, qmin, qmax)
-    return ((q - zero_point) * scale).to(x.dtype)
-
-
-# ---- the device-side step index -----------------------------------------------------------------------------
-
-def step_tensor(device: torch.device | str) -> torch.Tensor:
-    """The shared ``[1]`` long tensor holding the current step index on ``device``."""
-    key = str(torch.device(device))
-    t = _STEP.get(key)
-    if t is None:
-        t = _STEP[key] = torch.zeros(1, dtype=torch.long, device=device)
-    return t
-
-
-def sync_step(device: torch.device | str) -> None:
-    """Copy the timestep context's step index into the device tensor (once per denoiser call)."""
-    state = current_step()
-    if state is not None:
-        step_tensor(device).fill_(state.step_index)
 
 
 def per_step(table: torch.Tensor) -> torch.Tensor:
@@ -89,35 +50,11 @@ def per_step(table: torch.Tensor) -> torch.Tensor:
 
 # ---- layers -------------------------------------------------------------------------------------------------
 
-def _act_params(q: nn.Module, timesteps: Sequence[int] | None) -> dict | None:
-    """Fast parameters of an input quantizer; None for an identity; TypeError when it cannot be converted.
-
-    ``UniformQuantizer``: static range. ``StepTableQuantizer`` without a fallback module, whose
-    table rows are exactly the sampling ``timesteps``: per-step device tables (row = step index).
-    Anything else with ``fast_params() -> (scale[S, ...], zero_point[S, ...], qmin, qmax,
-    channel_axis)`` (rows = step indices of the sampling schedule): per-step tables as well.
-    """
-    if type(q) is UniformQuantizer:
-        if not q.active:
-            return None
-        scale = q.scale.detach().abs().clamp_min(1e-8) if q.learnable else q.scale.detach()
-        qmin, qmax = q.qmin_qmax
-        return dict(scale=scale.float().clone(), zero=q.zero_point.detach().float().clone(), qmin=qmin, qmax=qmax,
-                    per_step=False, axis=None, reciprocal=True)  # already shaped to broadcast
-    if type(q) is StepTableQuantizer:
-        if not q.active:
-            return None
-        if q.fallback is not None or timesteps is None or q.timesteps.tolist() != [int(t) for t in timesteps]:
-            raise TypeError("step table does not match the sampling schedule")
-        qmin, qmax = qrange(q.bits, q.symmetric)
-        return dict(scale=q.scale.detach().float().clone(), zero=q.zero_point.detach().float().clone(), qmin=qmin,
-                    qmax=qmax, per_step=True, axis=q.channel_axis, reciprocal=False)
-    fast = getattr(q, "fast_params", None)
-    if callable(fast):
-        scale, zp, qmin, qmax, axis = fast()
-        return dict(scale=scale.detach().float(), zero=zp.detach().float(), qmin=int(qmin), qmax=int(qmax),
-                    per_step=True, axis=axis, reciprocal=False)
-    raise TypeError(type(q).__name__)
+def _act_params(q: nn.Module, timesteps: Sequence[int] | None) -> FastParams | None:
+    """Static form of an input quantizer; None for an identity; TypeError when it has none."""
+    if not isinstance(q, Quantizer):
+        raise TypeError(type(q).__name__)
+    return q.fast_params(timesteps)
 
 
 class FastQuantLayer(nn.Module):
@@ -147,9 +84,10 @@ class FastQuantLayer(nn.Module):
             params = [_act_params(q, timesteps) for q in layer.act_quantizers()]
             if all(p is not None for p in params):
                 for i, p in enumerate(params):
-                    self.register_buffer(f"act_scale_{i}", p.pop("scale"))
-                    self.register_buffer(f"act_zero_{i}", p.pop("zero"))
-                    self.acts.append(p)
+                    self.register_buffer(f"act_scale_{i}", p.scale.float())
+                    self.register_buffer(f"act_zero_{i}", p.zero_point.float())
+                    self.acts.append(dict(qmin=int(p.qmin), qmax=int(p.qmax), per_step=p.per_step,
+                                          axis=p.channel_axis, reciprocal=p.reciprocal))
             elif any(p is not None for p in params):
                 raise TypeError("partially initialized split quantizers")
         self.num_act = len(self.acts)
@@ -160,7 +98,7 @@ class FastQuantLayer(nn.Module):
         if a["per_step"]:
             scale = broadcast_channels(per_step(scale), x, a["axis"])
             zp = broadcast_channels(per_step(zp), x, a["axis"])
-        return fused_fake_quant(x, scale, zp, a["qmin"], a["qmax"], a["reciprocal"])
+        return fused_fake_quant(x, scale, zp, a["qmin"], a["qmax"], reciprocal=a["reciprocal"])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.num_act == 1:
@@ -175,11 +113,6 @@ class FastQuantLayer(nn.Module):
         kind = "conv" if self.is_conv else "linear"
         per_step_ = any(a["per_step"] for a in self.acts)
         return f"{kind}, act_quantizers={self.num_act}, per_step={per_step_}, split={self.split}"
-
-
-def _set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(root.get_submodule(parent_name) if parent_name else root, child, new)
 
 
 @torch.no_grad()
@@ -199,7 +132,7 @@ def convert_quant_layers(unet: nn.Module, weight_dtype: torch.dtype | None = Non
         except TypeError:
             skipped += 1
             continue
-        _set_submodule(unet, name, new.to(m.module.weight.device))
+        unet.set_submodule(name, new.to(m.module.weight.device))
         converted += 1
     return {"converted": converted, "skipped": skipped}
 
@@ -215,7 +148,11 @@ def _cast_weights(unet: nn.Module, dtype: torch.dtype) -> None:
 
 
 class FastUNet(nn.Module):
-    """Wraps a UNet: syncs the device step index, runs (compiled) under autocast, returns fp32 ``.sample``."""
+    """Wraps a UNet: runs it (compiled) under autocast, returns fp32 ``.sample``.
+
+    The per-step tables read the step from the timestep context's device tensor, which the
+    sampler's context keeps current: nothing to synchronise here.
+    """
 
     def __init__(self, unet: nn.Module, dtype: torch.dtype | None = None, compile: bool = False,
                  compile_mode: str | None = None) -> None:
@@ -226,7 +163,6 @@ class FastUNet(nn.Module):
         self._fn = torch.compile(unet, mode=compile_mode, dynamic=False) if compile else unet
 
     def forward(self, sample: torch.Tensor, timestep: torch.Tensor, *args, **kwargs):
-        sync_step(sample.device)
         with torch.autocast(sample.device.type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None):
             out = self._fn(sample, timestep, *args, **kwargs)
         return SimpleNamespace(sample=out.sample.float())

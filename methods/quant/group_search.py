@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from methods.quant.quantizer import OFF_BITS, fake_quant, qrange, scale_zero_point
+from methods.quant.base import OFF_BITS, Quantizer, fake_quant, scale_zero_point
 from methods.quant.step_table import StepTableQuantizer
 from methods.quant.timestep import require_step
 
@@ -57,7 +57,7 @@ def bin_groups(values: torch.Tensor, groups: int, kind: str) -> torch.Tensor:
     return edges.scatter_reduce(0, idx, values, reduce=reduce, include_self=False)
 
 
-class GroupMixtureQuantizer(nn.Module):
+class GroupMixtureQuantizer(Quantizer):
     """Calibration-time activation quantizer: a softmax-weighted mixture of ``G`` fake quantizers per step."""
 
     def __init__(
@@ -71,12 +71,12 @@ class GroupMixtureQuantizer(nn.Module):
         floor: tuple[float, float] | None = (-4.0, 6.0),
         logit_init: float = 0.01,
     ) -> None:
-        super().__init__()
         if bits >= OFF_BITS:
             raise ValueError("GroupMixtureQuantizer needs a bit width below 16")
-        self.bits = bits
+        # Asymmetric. channel_axis is the input-channel axis whatever the granularity: candidate
+        # ranges always come from per-channel extremes; per_channel says whether the weights do.
+        super().__init__(bits, False, channel_axis)
         self.groups = groups
-        self.channel_axis = channel_axis
         self.per_channel = per_channel
         self.floor = floor
         self.calibrating = False  # recompute the step's candidate ranges from each input (official)
@@ -127,7 +127,7 @@ class GroupMixtureQuantizer(nn.Module):
 
     def mixture(self, x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         """``sum_g w[g] * fq(x; lo[g], hi[g])`` with ``w`` of shape ``[G, C']``."""
-        qmin, qmax = qrange(self.bits, False)
+        qmin, qmax = self.qmin_qmax
         scale, zp = scale_zero_point(lo, hi, self.bits, False)
         n = x.dim()
         shape = [self.groups] + [1] * n
@@ -157,6 +157,8 @@ class GroupMixtureQuantizer(nn.Module):
             self.floor_factor[step] = best
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.active:
+            return x
         step = require_step().step_index
         if self.calibrating:
             if self.search_floor and self.floor is not None:

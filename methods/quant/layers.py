@@ -8,15 +8,23 @@ channels of the weight, get separate quantizers.
 
 After calibration :meth:`freeze` caches the quantized weight, so sampling pays for
 activation fake-quant only (weights are constant across all denoiser calls).
+
+:func:`quantizers_disabled` is the one way to run modules with quantization switched off
+for a while (calibration passes that must see FP activations, FP targets): it restores
+every switch it touched, whatever happens inside.
 """
 
 from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable, Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from methods.quant.quantizer import OFF_BITS, UniformQuantizer
+from methods.quant.base import OFF_BITS, Quantizer
+from methods.quant.quantizer import UniformQuantizer
 
 
 class QuantLayer(nn.Module):
@@ -54,10 +62,10 @@ class QuantLayer(nn.Module):
     def a_bits(self) -> int:
         return self.act_quantizer.bits if self.quant_act else OFF_BITS
 
-    def weight_quantizers(self) -> list[UniformQuantizer]:
+    def weight_quantizers(self) -> list[Quantizer]:
         return [self.weight_quantizer] + ([self.weight_quantizer_skip] if self.split else [])
 
-    def act_quantizers(self) -> list[nn.Module]:
+    def act_quantizers(self) -> list[Quantizer]:
         return [self.act_quantizer] + ([self.act_quantizer_skip] if self.split else [])
 
     # ---- weights ----------------------------------------------------------------
@@ -105,3 +113,66 @@ class QuantLayer(nn.Module):
 
     def extra_repr(self) -> str:
         return f"w{self.w_bits}a{self.a_bits}" + (f", split={self.split}" if self.split else "")
+
+
+def _switches(module: nn.Module, acts: bool, weights: bool) -> Iterator[tuple[object, str]]:
+    """(owner, attribute) of every switch under ``module`` that turns the chosen quantization off."""
+    if isinstance(module, QuantLayer):
+        # A layer's own flags gate its quantizers; the quantizers' ``enabled`` is left alone.
+        if acts:
+            yield module, "quant_act"
+        if weights:
+            yield module, "quant_weight"
+        return
+    if isinstance(module, Quantizer):
+        # Outside a QuantLayer a quantizer sees activations (the attention matmul inputs).
+        if acts:
+            yield module, "enabled"
+        return
+    for child in module.children():
+        yield from _switches(child, acts, weights)
+
+
+class _Saved:
+    """The switches a :func:`quantizers_disabled` block turned off, with their values on entry."""
+
+    def __init__(self) -> None:
+        self.values: dict[tuple[int, str], tuple[object, str, bool]] = {}
+
+    @contextlib.contextmanager
+    def restored(self, module: nn.Module) -> Iterator[None]:
+        """Inside the block: ``module``'s own switches back to their entry values for a nested call.
+
+        (TDQ's objective: the model runs in FP, and each layer's hook also computes its quantized output.)
+        """
+        mine = [v for (oid, _), v in self.values.items() if oid == id(module)]
+        try:
+            for owner, attr, value in mine:
+                setattr(owner, attr, value)
+            yield
+        finally:
+            for owner, attr, _ in mine:
+                setattr(owner, attr, False)
+
+
+@contextlib.contextmanager
+def quantizers_disabled(modules: nn.Module | Iterable[nn.Module], acts: bool = True,
+                        weights: bool = False) -> Iterator[_Saved]:
+    """Run ``modules`` (a module or several) with activation and/or weight quantization off.
+
+    Switches: ``QuantLayer.quant_act`` / ``quant_weight``, and ``enabled`` of quantizers that
+    are not inside a QuantLayer (the attention-matmul quantizers count as activations). Each is
+    restored to the value it had on entry, also when the body raises.
+    """
+    roots = [modules] if isinstance(modules, nn.Module) else list(modules)
+    saved = _Saved()
+    for root in roots:
+        for owner, attr in _switches(root, acts, weights):
+            saved.values.setdefault((id(owner), attr), (owner, attr, getattr(owner, attr)))
+    try:
+        for owner, attr, _ in saved.values.values():
+            setattr(owner, attr, False)
+        yield saved
+    finally:
+        for owner, attr, value in saved.values.values():
+            setattr(owner, attr, value)

@@ -1,85 +1,42 @@
-"""Uniform affine fake quantization: the one quantizer every method builds on.
+"""``UniformQuantizer``: a static uniform affine fake quantizer, the one most methods build on.
 
-``q(x) = s * (clamp(round(x / s) + z, qmin, qmax) - z)``, with ``round`` passed
-straight through in the backward pass (Bengio et al., 2013), so a learnable step
-``s`` gets the LSQ gradient (Esser et al., ICLR 2020, Eq. 3) for free.
-
-Conventions (unit-tested against hand-computed values in tests/test_quantizer.py):
-
-* symmetric: ``z = 0``, levels ``[-2^(b-1), 2^(b-1) - 1]``, ``s = max|x| / (2^(b-1) - 1)``;
-* asymmetric: levels ``[0, 2^b - 1]``, the range widened to contain 0 (so zero is exact,
-  as padding needs), ``s = (hi - lo) / (2^b - 1)``, ``z = round(-lo / s)``;
-* per-tensor (``channel_axis=None``) or per-channel along ``channel_axis``;
-* 16 bits or more means "off": the quantizer is the identity.
-
-Range initialisation: ``minmax`` or ``mse``, the latter a grid search over shrunken
-ranges minimising the L_p error (p = 2.4 in PTQ4DM Table 4 and Q-Diffusion's code).
+The arithmetic and its conventions (grids, zero points, 16 bits = off) are in
+:mod:`methods.quant.base`; this module adds the range: fitted from data by ``minmax`` or
+``mse``, the latter a grid search over shrunken ranges minimising the L_p error (p = 2.4 in
+PTQ4DM Table 4 and Q-Diffusion's code), or learned as an LSQ step by reconstruction.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import nn
 
-OFF_BITS = 16
+from methods.quant.base import (
+    OFF_BITS,
+    FastParams,
+    Quantizer,
+    broadcast_channels,
+    fake_quant,
+    fused_fake_quant,
+    qrange,
+    round_ste,
+    scale_zero_point,
+)
+
+# The arithmetic is re-exported: methods and tests import it from here.
+__all__ = ["OFF_BITS", "UniformQuantizer", "fake_quant", "fused_fake_quant", "qrange", "round_ste",
+           "scale_zero_point"]
+
 _MSE_GRID = 80  # candidates 1.00, 0.99, ..., 0.21 of the min-max range (Q-Diffusion's grid)
-
-
-def round_ste(x: torch.Tensor) -> torch.Tensor:
-    """Round in the forward pass, identity gradient in the backward pass."""
-    return (x.round() - x).detach() + x
-
-
-def fake_quant(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:
-    return (torch.clamp(round_ste(x / scale) + zero_point, qmin, qmax) - zero_point) * scale
-
-
-def fused_fake_quant(
-    x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int, channel_axis: int | None
-) -> torch.Tensor:
-    """Same values as :func:`fake_quant` via ``torch.fake_quantize_per_{tensor,channel}_affine``."""
-    dtype = x.dtype
-    x = x.float()
-    zp = zero_point.to(torch.int32)
-    if channel_axis is None or scale.numel() == 1:
-        out = torch.fake_quantize_per_tensor_affine(x, scale.float().reshape(()), zp.reshape(()), qmin, qmax)
-    else:
-        out = torch.fake_quantize_per_channel_affine(x, scale.float().flatten(), zp.flatten(),
-                                                     channel_axis % x.dim(), qmin, qmax)
-    return out.to(dtype)
-
-
-def qrange(bits: int, symmetric: bool) -> tuple[int, int]:
-    if symmetric:
-        return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
-    return 0, 2**bits - 1
-
-
-def scale_zero_point(
-    lo: torch.Tensor, hi: torch.Tensor, bits: int, symmetric: bool
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Step and zero point that map the range [lo, hi] onto the integer grid."""
-    if symmetric:
-        amax = torch.maximum(lo.abs(), hi.abs()).clamp_min(1e-8)
-        return amax / (2 ** (bits - 1) - 1), torch.zeros_like(amax)
-    lo, hi = lo.clamp(max=0.0), hi.clamp(min=0.0)
-    scale = ((hi - lo) / (2**bits - 1)).clamp_min(1e-8)
-    return scale, (-lo / scale).round()
 
 
 def _reduce_dims(x: torch.Tensor, channel_axis: int | None) -> list[int]:
     return [d for d in range(x.dim()) if d != (channel_axis % x.dim() if channel_axis is not None else None)]
 
 
-def _broadcast(v: torch.Tensor, x: torch.Tensor, channel_axis: int | None) -> torch.Tensor:
-    if channel_axis is None:
-        return v.reshape(())
-    shape = [1] * x.dim()
-    shape[channel_axis] = -1
-    return v.reshape(shape)
-
-
-class UniformQuantizer(nn.Module):
+class UniformQuantizer(Quantizer):
     """A fake quantizer with its range as buffers, or as a learnable step (LSQ).
 
     Call :meth:`init_range` once on representative data before use; until then the
@@ -89,14 +46,10 @@ class UniformQuantizer(nn.Module):
     def __init__(
         self, bits: int = 8, symmetric: bool = False, channel_axis: int | None = None, learnable: bool = False
     ) -> None:
-        super().__init__()
         if not (2 <= bits <= 8 or bits >= OFF_BITS):
             raise ValueError(f"bits must be 2..8 (or {OFF_BITS}+ for off), got {bits}")
-        self.bits = bits
-        self.symmetric = symmetric
-        self.channel_axis = channel_axis
+        super().__init__(bits, symmetric, channel_axis)
         self.learnable = learnable
-        self.enabled = True
         self.register_buffer("zero_point", torch.zeros(()))
         if learnable:
             self.scale = nn.Parameter(torch.ones(()))
@@ -105,23 +58,19 @@ class UniformQuantizer(nn.Module):
         self.register_buffer("initialized", torch.tensor(False))
 
     @property
-    def active(self) -> bool:
-        return self.enabled and self.bits < OFF_BITS and bool(self.initialized)
-
-    @property
-    def qmin_qmax(self) -> tuple[int, int]:
-        return qrange(self.bits, self.symmetric)
+    def ready(self) -> bool:
+        return bool(self.initialized)
 
     def extra_repr(self) -> str:
-        gran = "per-tensor" if self.channel_axis is None else f"per-channel(axis={self.channel_axis})"
-        kind = "sym" if self.symmetric else "asym"
-        return f"bits={self.bits}, {kind}, {gran}, learnable={self.learnable}"
+        return f"{self.granularity_repr()}, learnable={self.learnable}"
 
+    # ---- range ------------------------------------------------------------------------------------------
     @torch.no_grad()
     def set_range(self, lo: torch.Tensor, hi: torch.Tensor, like: torch.Tensor | None = None) -> None:
         scale, zp = scale_zero_point(lo.float(), hi.float(), self.bits, self.symmetric)
         if like is not None:
-            scale, zp = _broadcast(scale, like, self.channel_axis), _broadcast(zp, like, self.channel_axis)
+            scale = broadcast_channels(scale, like, self.channel_axis)
+            zp = broadcast_channels(zp, like, self.channel_axis)
         if self.learnable:
             self.scale = nn.Parameter(scale.clone())
         else:
@@ -153,24 +102,39 @@ class UniformQuantizer(nn.Module):
             ratio = 1.0 - 0.01 * i
             c_lo, c_hi = lo * ratio, hi * ratio
             s, z = scale_zero_point(c_lo, c_hi, self.bits, self.symmetric)
-            s, z = _broadcast(s, x, self.channel_axis), _broadcast(z, x, self.channel_axis)
+            s, z = broadcast_channels(s, x, self.channel_axis), broadcast_channels(z, x, self.channel_axis)
             err = (fake_quant(x, s, z, qmin, qmax) - x).abs().pow(p).mean(dim=dims)
             better = err < best_err
             best_err = torch.where(better, err, best_err)
             best_lo, best_hi = torch.where(better, c_lo, best_lo), torch.where(better, c_hi, best_hi)
         return best_lo, best_hi
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        # Ranges are shaped by the data they were fitted on (per-tensor vs per-channel):
-        # take the saved shapes so a quantized model reloads into a fresh wrapper.
-        for name in ("scale", "zero_point"):
-            saved = state_dict.get(prefix + name)
-            if saved is not None and saved.shape != getattr(self, name).shape:
-                if name == "scale" and self.learnable:
-                    self.scale = nn.Parameter(torch.empty_like(saved))
-                else:
-                    setattr(self, name, torch.empty_like(saved))
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+    # ---- LSQ --------------------------------------------------------------------------------------------
+    def learnable_step(self) -> nn.Parameter:
+        """The step as an LSQ parameter (the zero point stays fixed)."""
+        if not self.learnable:
+            self.scale = nn.Parameter(self.scale.detach().clone())
+            self.learnable = True
+        return self.scale
+
+    @torch.no_grad()
+    def settle_step(self) -> None:
+        # Training quantizes with |s| but the fused inference kernel with s: store what training
+        # saw, so a step pushed through zero by the optimiser cannot flip the grid.
+        self.scale.data = self.scale.data.abs().clamp_min(1e-8)
+        self.scale.requires_grad_(False)
+
+    def _step(self) -> torch.Tensor:
+        return self.scale.abs().clamp_min(1e-8) if self.learnable else self.scale
+
+    # ---- inference --------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def fast_params(self, timesteps: Sequence[int] | None = None) -> FastParams | None:
+        if not self.active:
+            return None
+        qmin, qmax = self.qmin_qmax
+        # Ranges are stored shaped to broadcast against the input they were fitted on.
+        return FastParams(self._step().detach().float().clone(), self.zero_point.detach().float().clone(), qmin, qmax)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.active:
@@ -178,7 +142,7 @@ class UniformQuantizer(nn.Module):
         qmin, qmax = self.qmin_qmax
         if torch.is_grad_enabled() and (x.requires_grad or self.learnable):
             # Calibration: the differentiable path (STE rounding; LSQ gradient for a learnable step).
-            scale = self.scale.abs().clamp_min(1e-8) if self.learnable else self.scale
-            return fake_quant(x, scale, self.zero_point, qmin, qmax)
-        # Inference: PyTorch's fused quantize-dequantize kernel, one pass over the tensor.
-        return fused_fake_quant(x, self.scale.detach(), self.zero_point, qmin, qmax, self.channel_axis)
+            return fake_quant(x, self._step(), self.zero_point, qmin, qmax)
+        # Inference: one fused pass over the tensor.
+        return fused_fake_quant(x, broadcast_channels(self.scale.detach(), x, self.channel_axis),
+                                broadcast_channels(self.zero_point, x, self.channel_axis), qmin, qmax)

@@ -28,9 +28,7 @@ optimisation. Rounding is hardened at the end of each unit.
 
 from __future__ import annotations
 
-import contextlib
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -39,9 +37,9 @@ from tqdm import tqdm
 
 from methods.quant.adaround import AdaRoundQuantizer, attach_adaround, hardness, round_loss
 from methods.quant.attention import QuantAttnProcessor
+from methods.quant.base import Quantizer
 from methods.quant.calibrate import Batch, call_at_step, iterate_by_step
-from methods.quant.layers import QuantLayer
-from methods.quant.quantizer import UniformQuantizer
+from methods.quant.layers import QuantLayer, quantizers_disabled
 from models.denoiser import Denoiser
 
 BLOCK_TYPES = ("ResnetBlock2D", "Attention", "BasicTransformerBlock", "Downsample2D", "Upsample2D")
@@ -168,7 +166,7 @@ def _capture(denoiser: Denoiser, module: nn.Module, samples: Batch, num_steps: i
     h1 = module.register_forward_pre_hook(pre, with_kwargs=True)
     h2 = module.register_forward_hook(post, with_kwargs=True) if want_output else None
     try:
-        for b in iterate_by_step(samples, batch, num_steps):
+        for b in iterate_by_step(samples, batch):
             try:
                 call_at_step(denoiser, b, num_steps, device)
             except _Stop:
@@ -189,7 +187,7 @@ def _capture_outputs(denoiser: Denoiser, modules: dict[str, nn.Module], samples:
     handles = [m.register_forward_hook(lambda mod, a, out, n=n: outs[n].append(_first_tensor(out).detach()))
                for n, m in modules.items()]
     try:
-        for b in iterate_by_step(samples, batch, num_steps):
+        for b in iterate_by_step(samples, batch):
             call_at_step(denoiser, b, num_steps, device)
     finally:
         for h in handles:
@@ -198,44 +196,15 @@ def _capture_outputs(denoiser: Denoiser, modules: dict[str, nn.Module], samples:
 
 
 # ---- quantizer state ----------------------------------------------------------------------------------
-def _act_quantizers(module: nn.Module) -> list[UniformQuantizer]:
-    qs: list[UniformQuantizer] = []
+def _act_quantizers(module: nn.Module) -> list[Quantizer]:
+    """The active activation quantizers of a unit: its layers' input quantizers and attention matmul inputs."""
+    qs: list[Quantizer] = []
     for m in module.modules():
         if isinstance(m, QuantLayer) and m.quant_act:
-            qs += [q for q in m.act_quantizers() if isinstance(q, UniformQuantizer)]
+            qs += [q for q in m.act_quantizers() if isinstance(q, Quantizer)]
         elif isinstance(m, QuantAttnProcessor):
             qs += list(m.quantizers().values())
     return [q for q in qs if q.active]
-
-
-def make_learnable(q: UniformQuantizer) -> nn.Parameter:
-    """Turn a quantizer's step size into an LSQ parameter (zero point stays fixed)."""
-    if not q.learnable:
-        q.scale = nn.Parameter(q.scale.detach().clone())
-        q.learnable = True
-    return q.scale
-
-
-@contextlib.contextmanager
-def activation_quant(unet: nn.Module, on: bool) -> Iterator[None]:
-    """Temporarily switch every activation quantizer (layers and attention matmuls) on or off."""
-    saved_layers = {}
-    saved_q = {}
-    for m in unet.modules():
-        if isinstance(m, QuantLayer):
-            saved_layers[m] = m.quant_act
-            m.quant_act = m.quant_act and on
-        elif isinstance(m, QuantAttnProcessor):
-            for q in m.quantizers().values():
-                saved_q[q] = q.enabled
-                q.enabled = on
-    try:
-        yield
-    finally:
-        for m, v in saved_layers.items():
-            m.quant_act = v
-        for q, v in saved_q.items():
-            q.enabled = v
 
 
 def lp_loss(pred: torch.Tensor, target: torch.Tensor, p: float = 2.0) -> torch.Tensor:
@@ -252,10 +221,13 @@ def reconstruct_unit(unit: Unit, inputs: tuple[list, dict, int], target: torch.T
     if cfg.learn_weights:
         for layer in unit.layers.values():
             ada += attach_adaround(layer)
+    # LSQ: every active activation quantizer that declares a learnable step (UniformQuantizer does).
     acts = _act_quantizers(unit.module) if (cfg.learn_acts and cfg.act_quant) else []
+    learned = [(q, q.learnable_step()) for q in acts]
+    learned = [(q, s) for q, s in learned if s is not None]
     for q in ada:
         q.alpha.requires_grad_(True)
-    scales = [make_learnable(q) for q in acts]
+    scales = [s for _, s in learned]
     for s in scales:
         s.requires_grad_(True)
     opt_w = torch.optim.Adam([q.alpha for q in ada], lr=cfg.w_lr) if ada else None
@@ -299,11 +271,8 @@ def reconstruct_unit(unit: Unit, inputs: tuple[list, dict, int], target: torch.T
         soft_hard = hardness(ada)
         for q in ada:
             q.harden()
-        for s in scales:
-            # Training quantizes with |s| (UniformQuantizer's LSQ path) but inference uses the raw step:
-            # store what training saw, so a step pushed through zero by Adam cannot flip the grid.
-            s.data = s.data.abs().clamp_min(1e-8)
-            s.requires_grad_(False)
+        for q, _ in learned:
+            q.settle_step()
         unit.module.train(was_training)
     return {"iters": cfg.iters, "loss_first": first, "loss_last": last, "soft_hardness": soft_hard}
 
@@ -322,7 +291,7 @@ def reconstruct(
     samples = _sample_subset(samples, cfg.max_samples)
     gen = torch.Generator().manual_seed(cfg.seed)
     stats: dict[str, dict] = {}
-    with activation_quant(unet, cfg.act_quant):
+    with quantizers_disabled(unet, acts=not cfg.act_quant):
         units = execution_order(qdenoiser, units if units is not None else find_units(unet), samples, num_steps,
                                 device)
         targets: dict[str, torch.Tensor] = {}

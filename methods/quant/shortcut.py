@@ -5,7 +5,7 @@ the deep features first, then the skip from the down path. Q-Diffusion quantizes
 two parts (and the matching input-channel halves of the consuming conv's weight)
 separately because their ranges differ widely.
 
-:func:`find_shortcut_splits` runs one probe forward with a pre-hook on each up block
+:func:`find_denoiser_splits` runs one probe forward with a pre-hook on each up block
 that reads the channel count of the skips it is handed, and returns
 ``{layer name: split}`` for each up-block resnet's ``conv1`` and ``conv_shortcut``:
 ``split`` is the number of deep channels. ``conv1`` sees the concatenation through
@@ -14,14 +14,14 @@ GroupNorm and SiLU, which keep channel order, so the same index is valid there.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
-from torch import nn
 
 
-def _probe_splits(unet: nn.Module, run: Callable[[], object]) -> dict[str, int]:
-    up_blocks = getattr(unet, "up_blocks", None)
+def find_denoiser_splits(
+    denoiser, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None = None
+) -> dict[str, int]:
+    """``{"up_blocks.i.resnets.j.conv1": split, "...conv_shortcut": split}`` from a probe call of ``denoiser``."""
+    up_blocks = getattr(denoiser.unet, "up_blocks", None)
     if up_blocks is None:
         return {}
     splits: dict[str, int] = {}
@@ -45,18 +45,9 @@ def _probe_splits(unet: nn.Module, run: Callable[[], object]) -> dict[str, int]:
     handles = [b.register_forward_pre_hook(hook(i), with_kwargs=True) for i, b in enumerate(up_blocks)]
     try:
         with torch.no_grad():
-            run()
+            denoiser(x, t, cond)
     finally:
         for h in handles:
             h.remove()
     return splits
 
-
-def find_shortcut_splits(unet: nn.Module, x: torch.Tensor, t: torch.Tensor, **unet_kwargs) -> dict[str, int]:
-    """``{"up_blocks.i.resnets.j.conv1": split, "...conv_shortcut": split}`` from a probe forward of ``unet``."""
-    return _probe_splits(unet, lambda: unet(x, t, **unet_kwargs))
-
-
-def find_denoiser_splits(denoiser, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None = None) -> dict:
-    """:func:`find_shortcut_splits` through a :class:`models.denoiser.Denoiser` (handles conditioning)."""
-    return _probe_splits(denoiser.unet, lambda: denoiser(x, t, cond))

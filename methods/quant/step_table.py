@@ -20,19 +20,19 @@ Which row serves a call ``(step_index, t, num_steps)``:
    tied to the calibration schedule; sampling with another step count maps by timestep).
 
 Everything lives in buffers (and the fallback's parameters), so a quantized model
-survives both ``state_dict`` round trips (tables are resized on load) and
+survives both ``state_dict`` round trips (tables are resized on load, by the base class) and
 ``torch.save(module)`` / ``torch.load``.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import nn
 
-from methods.quant.quantizer import OFF_BITS, fake_quant, qrange, scale_zero_point
+from methods.quant.base import FastParams, Quantizer, broadcast_channels, fake_quant, scale_zero_point
 from methods.quant.timestep import require_step
-
-_TABLES = ("scale", "zero_point", "timesteps")
 
 
 def channel_axis_of(module: nn.Module) -> int:
@@ -44,16 +44,7 @@ def in_channels_of(module: nn.Module) -> int:
     return module.in_channels if isinstance(module, nn.Conv2d) else module.in_features
 
 
-def broadcast_channels(v: torch.Tensor, x: torch.Tensor, channel_axis: int | None) -> torch.Tensor:
-    """Per-tensor ``[]`` or per-channel ``[C]`` parameters shaped to broadcast against ``x``."""
-    if channel_axis is None or v.dim() == 0:
-        return v.reshape(())
-    shape = [1] * x.dim()
-    shape[channel_axis % x.dim()] = -1
-    return v.reshape(shape)
-
-
-class StepTableQuantizer(nn.Module):
+class StepTableQuantizer(Quantizer):
     """Asymmetric (or symmetric) fake quantizer with one parameter set per sampler step."""
 
     def __init__(
@@ -63,11 +54,7 @@ class StepTableQuantizer(nn.Module):
         channel_axis: int | None = None,
         fallback: nn.Module | None = None,
     ) -> None:
-        super().__init__()
-        self.bits = bits
-        self.symmetric = symmetric
-        self.channel_axis = channel_axis  # None: per tensor; else the input-channel axis
-        self.enabled = True
+        super().__init__(bits, symmetric, channel_axis)  # channel_axis: the input-channel axis, or None
         self.fallback = fallback  # optional: .params_at(t: LongTensor[K]) -> (scale, zero_point) rows
         self.register_buffer("scale", torch.ones(0))
         self.register_buffer("zero_point", torch.zeros(0))
@@ -99,13 +86,12 @@ class StepTableQuantizer(nn.Module):
         return int(self.timesteps.numel())
 
     @property
-    def active(self) -> bool:
-        return self.enabled and self.bits < OFF_BITS and self.num_steps > 0
+    def ready(self) -> bool:
+        return self.num_steps > 0
 
     def extra_repr(self) -> str:
-        gran = "per-tensor" if self.channel_axis is None else f"per-channel(axis={self.channel_axis})"
         fb = ", fallback" if self.fallback is not None else ""
-        return f"bits={self.bits}, {'sym' if self.symmetric else 'asym'}, {gran}, steps={self.num_steps}{fb}"
+        return f"{self.granularity_repr()}, steps={self.num_steps}{fb}"
 
     # ---- lookup -------------------------------------------------------------------
     def row_for(self, step_index: int, t: int, num_steps: int) -> int | None:
@@ -140,18 +126,30 @@ class StepTableQuantizer(nn.Module):
             return x
         state = require_step()
         scale, zp = self.params(state.step_index, state.t, state.num_steps)
-        qmin, qmax = qrange(self.bits, self.symmetric)
+        qmin, qmax = self.qmin_qmax
         return fake_quant(
             x, broadcast_channels(scale, x, self.channel_axis), broadcast_channels(zp, x, self.channel_axis), qmin, qmax
         )
 
+    @torch.no_grad()
+    def fast_params(self, timesteps: Sequence[int] | None = None) -> FastParams | None:
+        """Device tables, row = step index: only for tables fitted on exactly the sampling schedule.
+
+        With a fallback module, or another schedule, rows are found by timestep at each call,
+        which the eager path does.
+        """
+        if not self.active:
+            return None
+        if self.fallback is not None or timesteps is None or self.timesteps.tolist() != [int(t) for t in timesteps]:
+            raise TypeError("step table does not match the sampling schedule")
+        qmin, qmax = self.qmin_qmax
+        # reciprocal=False: x / s, the rounding of fake_quant that the eager forward uses.
+        return FastParams(self.scale.detach().float().clone(), self.zero_point.detach().float().clone(), qmin, qmax,
+                          per_step=True, channel_axis=self.channel_axis, reciprocal=False)
+
     # ---- persistence --------------------------------------------------------------
+    # Cached rows are views of (or computed from) the tables: drop them when the tables change.
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        # Tables are shaped by the calibration (steps, channels): take the saved shapes.
-        for name in _TABLES:
-            saved = state_dict.get(prefix + name)
-            if saved is not None and saved.shape != getattr(self, name).shape:
-                setattr(self, name, torch.empty_like(saved))
         self._cache = {}
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 

@@ -5,6 +5,11 @@ Quantizers that hold per-step parameters (ADP-DM's group ranges, TDQ's step size
 up ``current_step()`` instead of receiving the timestep through the model's forward,
 so no method ever patches a sampler, and classifier-free-guidance batches (cond and
 uncond in one call) share the same context automatically.
+
+This module is the one place the current step lives. Compiled sampling
+(:mod:`methods.quant.fast`) reads it as a device tensor (:func:`step_tensor`), so graphs do
+not depend on the step's value and the lookup costs no host work per layer; those tensors
+are mirrors that entering and leaving a context keep equal to the innermost step index.
 """
 
 from __future__ import annotations
@@ -12,6 +17,8 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass
+
+import torch
 
 
 @dataclass(frozen=True)
@@ -22,6 +29,13 @@ class TimestepState:
 
 
 _STACK: list[TimestepState] = []
+_DEVICE_STEP: dict[str, torch.Tensor] = {}  # device -> [1] long tensor mirroring _STACK[-1].step_index
+
+
+def _mirror(state: TimestepState | None) -> None:
+    if state is not None:
+        for t in _DEVICE_STEP.values():
+            t.fill_(state.step_index)
 
 
 @contextlib.contextmanager
@@ -29,10 +43,12 @@ def timestep_context(step_index: int, t: int, num_steps: int) -> Iterator[Timest
     """Make (step_index, t) visible to every quantizer for the duration of one denoiser call."""
     state = TimestepState(int(step_index), int(t), int(num_steps))
     _STACK.append(state)
+    _mirror(state)
     try:
         yield state
     finally:
         _STACK.pop()
+        _mirror(current_step())
 
 
 def current_step() -> TimestepState | None:
@@ -48,3 +64,13 @@ def require_step() -> TimestepState:
             "harness.sampling (or wrap the call in methods.quant.timestep.timestep_context)"
         )
     return state
+
+
+def step_tensor(device: torch.device | str) -> torch.Tensor:
+    """The current step index as a ``[1]`` long tensor on ``device`` (one shared tensor per device)."""
+    key = str(torch.device(device))
+    t = _DEVICE_STEP.get(key)
+    if t is None:
+        state = current_step()
+        t = _DEVICE_STEP[key] = torch.full((1,), state.step_index if state else 0, dtype=torch.long, device=device)
+    return t
