@@ -186,9 +186,9 @@ def ls(what: str) -> None:
             doc = (cls.__module__ and sys.modules[cls.__module__].__doc__ or "").strip().splitlines()
             click.echo(f"{name:12s} {doc[0] if doc else ''}")
     else:
-        from models.registry import ZOO
+        from models.registry import MODELS
 
-        for spec in ZOO.values():
+        for _, spec in MODELS.items():
             click.echo(f"{spec.name:18s} {spec.source:9s} {spec.description}")
 
 
