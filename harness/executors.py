@@ -56,10 +56,8 @@ def make_executor(name: str, out_dir: Path | None = None, partition: str | None 
 
 
 def visible_gpus() -> list[str]:
-    """GPU ids a worker can be pinned to. ``DMQ_FAKE_GPUS=N`` pretends N exist (CPU workers, for tests)."""
-    fake = os.environ.get("DMQ_FAKE_GPUS")
-    if fake:
-        return [str(i) for i in range(int(fake))]
+    """GPU ids a worker can be pinned to: ``CUDA_VISIBLE_DEVICES`` when set (the ids are taken as given),
+    else every device torch sees."""
     env = os.environ.get("CUDA_VISIBLE_DEVICES")
     if env is not None:
         return [x.strip() for x in env.split(",") if x.strip() and x.strip() != "-1"]
@@ -160,7 +158,6 @@ class SlurmExecutor:
         self.max_wait_s = max_wait_s or (float(env_wait) if env_wait else 2 * time_minutes * 60 + 600)
         self.poll_s = poll_s
         self.log = log
-        self.last_jobs: list = []
 
     def executor(self, folder: Path):
         import submitit
@@ -186,7 +183,6 @@ class SlurmExecutor:
         if self.gpus:
             o["device"] = "auto"  # decided on the compute node
         jobs = ex.map_array(SlurmTask(), [s.to_dict() for s in specs], [o] * len(specs))
-        self.last_jobs = jobs
         self.log(f"slurm: submitted {len(jobs)} array tasks ({jobs[0].job_id.split('_')[0]}), logs in {folder}")
         pending = {j.job_id: (j, s) for j, s in zip(jobs, specs)}
         deadline = time.monotonic() + self.max_wait_s

@@ -29,7 +29,7 @@ import platform
 import tempfile
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -56,7 +56,6 @@ class PerfConfig:
     repeats: int = 1
     metric_images: int = 512
     cache_dir: str | None = None
-    extra: dict = field(default_factory=dict)
 
 
 def resolve_device(device: str) -> str:
@@ -338,6 +337,6 @@ def log_table(df: pd.DataFrame, tracking_uri: str, run_name: str, params: dict, 
 
 
 def perf_params(cfg: PerfConfig, device: str) -> dict:
-    return {**{k: v for k, v in asdict(cfg).items() if k != "extra"}, "resolved_device": device,
+    return {**asdict(cfg), "resolved_device": device,
             "device_name": device_name(device), "torch": torch.__version__, "cpu": cpu_name(),
             "cuda": torch.version.cuda or "none"}

@@ -1,8 +1,8 @@
 """``--executor gpus``: one worker process per visible GPU, each pinned by ``CUDA_VISIBLE_DEVICES``.
 
-No GPU here: ``DMQ_FAKE_GPUS=2`` makes the executor see two GPU ids and start real worker
-processes (``python -m harness.worker``) that run on the CPU with ``CUDA_VISIBLE_DEVICES``
-set to their id. What is tested is the executor's scheduling and the driver's bookkeeping.
+No GPU here: ``CUDA_VISIBLE_DEVICES=0,1`` names two GPU ids, and the executor starts real worker
+processes (``python -m harness.worker``) that run on the CPU (``--device cpu``) with
+``CUDA_VISIBLE_DEVICES`` set to their id. What is tested is the executor's scheduling and the driver's bookkeeping.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ def _bench(out: Path, env: dict) -> subprocess.CompletedProcess:
 
 def test_one_worker_per_gpu(tmp_path: Path) -> None:
     out = tmp_path / "sweep"
-    env = dict(os.environ, DMQ_FAKE_GPUS="2", OMP_NUM_THREADS="1")
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="0,1", OMP_NUM_THREADS="1")
     r = _bench(out, env)
     log = r.stdout[-3000:] + r.stderr[-3000:]
     assert r.returncode == 0, log
@@ -55,8 +55,7 @@ def test_one_worker_per_gpu(tmp_path: Path) -> None:
 
 
 def test_no_visible_gpu_is_a_clear_error(tmp_path: Path) -> None:
-    env = {k: v for k, v in os.environ.items() if k != "DMQ_FAKE_GPUS"}
-    env["CUDA_VISIBLE_DEVICES"] = ""
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="")
     r = _bench(tmp_path / "sweep", env)
     assert r.returncode == 2
     assert "no visible GPU" in r.stderr and "--executor local" in r.stderr

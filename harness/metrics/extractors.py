@@ -21,12 +21,14 @@ import io
 import os
 import tempfile
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from harness.metrics.errors import MetricSetupError
+from methods.registry import Registry
 
 INCEPTION_FILENAME = "weights-inception-2015-12-05-6726825d.pth"
 INCEPTION_URL = "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/" + INCEPTION_FILENAME
@@ -39,15 +41,33 @@ SFID_HW = 17
 TF_CIFARNET = "cifarnet"
 TF_INCEPTION = "inception-v3-sfid"
 
-# Every layer an extractor provides to the metric layer; one cached instance computes them all.
-ALL_LAYERS = {"cifarnet": ("pool", "logits", "spatial"), "inception": ("2048", "logits_unbiased", "spatial")}
-# Which feature layer feeds which metric, per extractor.
-LAYERS: dict[str, dict[str, str]] = {
-    "cifarnet": {"fid": "pool", "kid": "pool", "isc": "logits", "sfid": "spatial"},
-    "inception": {"fid": "2048", "kid": "2048", "isc": "logits_unbiased", "sfid": "spatial"},
-    "clean-fid-inception": {"fid": "pool", "kid": "pool"},
-}
-EXTRACTORS = ("cifarnet", "inception")
+
+
+@dataclass(frozen=True)
+class Extractor:
+    """A feature network the metrics can use: its torch-fidelity name, its layers, which layer feeds
+    which metric, and the image sizes it takes (``None``: any square size, resized as its evaluator does)."""
+
+    name: str
+    tf_name: str
+    layers: tuple[str, ...]  # every layer it provides; one cached instance computes them all
+    metric_layers: dict[str, str]  # metric family -> layer
+    size: int | None
+    needs_weights: bool  # a weights file the user supplies (Inception) vs shipped with the project
+
+
+EXTRACTORS: Registry[Extractor] = Registry("extractor", "dmqbench.extractors")
+EXTRACTORS.register("cifarnet", Extractor("cifarnet", TF_CIFARNET, ("pool", "logits", "spatial"),
+                                          {"fid": "pool", "kid": "pool", "isc": "logits", "sfid": "spatial"},
+                                          size=32, needs_weights=False))
+EXTRACTORS.register("inception", Extractor("inception", TF_INCEPTION, ("2048", "logits_unbiased", "spatial"),
+                                           {"fid": "2048", "kid": "2048", "isc": "logits_unbiased", "sfid": "spatial"},
+                                           size=None, needs_weights=True))
+
+# Views of the registry by extractor name (and clean-fid's Inception, which only feeds FID/KID).
+ALL_LAYERS = {name: e.layers for name, e in EXTRACTORS.items()}
+LAYERS: dict[str, dict[str, str]] = {**{name: dict(e.metric_layers) for name, e in EXTRACTORS.items()},
+                                     "clean-fid-inception": {"fid": "pool", "kid": "pool"}}
 
 _EXTRACTOR_CACHE: dict[tuple, torch.nn.Module] = {}
 _SHA_CACHE: dict[tuple, str] = {}
@@ -193,7 +213,7 @@ def check_extractor(extractor: str, inception_weights: str | None, image_size) -
     from harness.metrics.images import check_image_size
 
     if extractor not in EXTRACTORS:
-        raise MetricSetupError(f"unknown extractor {extractor!r}; expected one of {list(EXTRACTORS)}")
+        raise MetricSetupError(f"unknown extractor {extractor!r}; expected one of {EXTRACTORS.names()}")
     check_image_size(extractor, image_size, "model images")
     if extractor == "inception":
         resolve_inception_weights(inception_weights)
@@ -308,7 +328,7 @@ def _register() -> None:
 
 
 def _tf_name(extractor: str) -> str:
-    return {"cifarnet": TF_CIFARNET, "inception": TF_INCEPTION}[extractor]
+    return EXTRACTORS.get(extractor).tf_name
 
 
 def get_extractor(extractor: str, device: str = "cpu", inception_weights: str | None = None):

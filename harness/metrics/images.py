@@ -11,7 +11,6 @@ from harness.metrics.errors import MetricSetupError
 
 # Input resolution of each extractor: CifarNet is built for 32x32; torch-fidelity's Inception
 # resizes any square input to 299x299 (TF1-compatible bilinear), as the TF evaluators do.
-EXTRACTOR_SIZES: dict[str, int | None] = {"cifarnet": 32, "inception": None}
 
 
 def as_numpy(x) -> np.ndarray:
@@ -38,10 +37,12 @@ def check_images(
 
 def check_image_size(extractor: str, hw, what: str = "samples") -> None:
     """One-line :class:`MetricSetupError` unless ``extractor`` takes images of height x width ``hw``."""
-    if extractor not in EXTRACTOR_SIZES:
-        raise MetricSetupError(f"unknown extractor {extractor!r}; expected one of {sorted(EXTRACTOR_SIZES)}")
+    from harness.metrics.extractors import EXTRACTORS
+
+    if extractor not in EXTRACTORS:
+        raise MetricSetupError(f"unknown extractor {extractor!r}; expected one of {EXTRACTORS.names()}")
     h, w = (int(hw), int(hw)) if np.isscalar(hw) else (int(hw[0]), int(hw[1]))
-    size = EXTRACTOR_SIZES[extractor]
+    size = EXTRACTORS.get(extractor).size
     if size is not None and (h, w) != (size, size):
         raise MetricSetupError(
             f"{what}: CifarNet takes 32x32 images; got {(h, w)}: use extractor 'inception' "
