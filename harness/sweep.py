@@ -23,6 +23,7 @@ import hashlib
 import json
 import os
 import socket
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -131,7 +132,7 @@ def run_sweep(
     with sweep_lock(opts.out):
         note = prepare_store(tracking_uri)  # created and migrated once, under the lock
         if note:
-            tqdm.write(f"bench: {note}")
+            tqdm.write(f"bench: {note}", file=sys.stderr)
         return _run_locked(specs, opts, tracking_uri, sweep_args, executor)
 
 
