@@ -75,6 +75,8 @@ def main() -> None:
 @click.option("--batch-size", type=int, default=64, show_default=True, help="does not change the samples")
 @click.option("--tracking-uri", default=None, help="MLflow tracking URI (default: sqlite:///OUT/mlflow.db)")
 @click.option("--inception-weights", type=click.Path(), default=None, help="torch-fidelity Inception weights file")
+@click.option("--lpips-weights", type=click.Path(), default=None,
+              help="local LPIPS state dict (backbone + linear layers): adds paired/lpips/<backbone>")
 @click.option("--executor", type=click.Choice(["local", "gpus", "slurm"]), default="local", show_default=True,
               help="local: in sequence; gpus: one job per visible GPU; slurm: an array job through submitit")
 @click.option("--slurm-partition", default=None, help="slurm: partition")
@@ -83,12 +85,12 @@ def main() -> None:
 @click.option("--slurm-parallelism", type=int, default=16, show_default=True, help="slurm: array jobs at once")
 def run(methods_, models, bits, seeds, protocol, preset, scope, num_samples, steps, model_path, out, device,
         batch_size, tracking_uri, inception_weights, executor, slurm_partition, slurm_time, slurm_gpus,
-        slurm_parallelism) -> None:
+        slurm_parallelism, lpips_weights=None) -> None:
     """Run every method x model x bit-width under one protocol; resume what is done."""
     try:
         _run(methods_, models, bits, seeds, protocol, preset, scope, num_samples, steps, model_path, out, device,
              batch_size, tracking_uri, inception_weights, executor, slurm_partition, slurm_time, slurm_gpus,
-             slurm_parallelism)
+             slurm_parallelism, lpips_weights)
     except KeyboardInterrupt:
         _fail("interrupted: complete runs and sample shards are kept; rerun the same command to resume",
               EXIT_INTERRUPTED)
@@ -96,7 +98,7 @@ def run(methods_, models, bits, seeds, protocol, preset, scope, num_samples, ste
 
 def _run(methods_, models, bits, seeds, protocol, preset, scope, num_samples, steps, model_path, out, device,
          batch_size, tracking_uri, inception_weights, executor, slurm_partition, slurm_time, slurm_gpus,
-         slurm_parallelism) -> None:
+         slurm_parallelism, lpips_weights=None) -> None:
     from harness.preflight import PreflightError, PreflightOptions, parse_device, preflight
     from harness.runner import RunOptions
     from harness.spec import SpecError, expand
@@ -132,6 +134,13 @@ def _run(methods_, models, bits, seeds, protocol, preset, scope, num_samples, st
             validate_inception_weights(inception_weights)
         except ValueError as e:
             raise BadInput(str(e)) from None
+    if lpips_weights:
+        from harness.metrics.fidelity import load_lpips
+
+        try:
+            load_lpips(lpips_weights)
+        except ValueError as e:
+            raise BadInput(str(e)) from None
     out_dir = Path(out)
     try:
         preflight(specs, PreflightOptions(out=out_dir, device=device, tracking_uri=tracking_uri, executor=executor,
@@ -148,7 +157,8 @@ def _run(methods_, models, bits, seeds, protocol, preset, scope, num_samples, st
     # Everything is checked: from here on files are written.
     out_dir.mkdir(parents=True, exist_ok=True)
     uri = tracking_uri or default_tracking_uri(out_dir)
-    opts = RunOptions(out=out_dir, device=_device(device), batch_size=batch_size, inception_weights=inception_weights)
+    opts = RunOptions(out=out_dir, device=_device(device), batch_size=batch_size, inception_weights=inception_weights,
+                      lpips_weights=lpips_weights)
     click.echo(f"dmqbench: {len(specs)} runs ({protocol} protocol) -> {out_dir}")
     try:
         outcome = run_sweep(specs, opts, uri, {"methods": methods_, "models": models, "bits": bits, "seeds": seeds,
@@ -195,18 +205,19 @@ def ls(what: str) -> None:
 @main.command()
 @click.option("--out", default=DEFAULT_OUT, show_default=True, type=click.Path(), help="the sweep's output directory")
 @click.option("--dest", default=None, type=click.Path(), help="where to write the tables (default: OUT)")
-@click.option("--tracking-uri", default=None, help="MLflow tracking URI (default: sqlite:///OUT/mlflow.db)")
+@click.option("--tracking-uri", default=None, hidden=True,
+              help="unused: the tables are read from OUT/runs/*/*/results.json (kept for old scripts)")
 @click.option("--html", "html_", is_flag=True, help="also write leaderboard.html (tables, plots, samples; offline)")
 def leaderboard(out: str, dest: str | None, tracking_uri: str | None, html_: bool = False) -> None:
-    """Tabulate a sweep: methods x bit-widths per model and protocol (Markdown + CSV)."""
+    """Tabulate a sweep: a headline table and methods x bit-widths per metric, per model and protocol
+    (Markdown + CSV), read from OUT/runs."""
     from harness.leaderboard import build
-    from harness.tracking import default_tracking_uri
 
     out_dir = Path(out)
-    if tracking_uri is None and not (out_dir / "mlflow.db").exists():
-        raise click.UsageError(f"no MLflow store at {out_dir / 'mlflow.db'}: run `bench run --out {out}` first")
+    if not (out_dir / "runs").is_dir():
+        raise click.UsageError(f"no runs under {out_dir / 'runs'}: run `bench run --out {out}` first")
     try:
-        md, md_path, csv_path = build(tracking_uri or default_tracking_uri(out_dir), Path(dest or out_dir))
+        md, md_path, csv_path = build(out_dir, Path(dest or out_dir))
     except ValueError as e:
         raise click.UsageError(str(e)) from None
     click.echo(md)
@@ -214,7 +225,7 @@ def leaderboard(out: str, dest: str | None, tracking_uri: str | None, html_: boo
     if html_:
         from harness.html_report import write_html
 
-        click.echo(f"wrote {write_html(tracking_uri or default_tracking_uri(out_dir), out_dir, Path(dest or out_dir))}")
+        click.echo(f"wrote {write_html(out_dir, Path(dest or out_dir))}")
 
 
 @main.group()

@@ -11,12 +11,22 @@ from __future__ import annotations
 import base64
 import html
 import io
-import json
 from pathlib import Path
 
 import pandas as pd
 
-from harness.leaderboard import PRIMARY, _bits_order, _metric_order, direction, direction_label, load_runs, summarise
+from harness.leaderboard import (
+    LEGEND,
+    PRIMARY,
+    _bits_order,
+    _cell,
+    _method_order,
+    _metric_order,
+    build_summary,
+    headlines,
+)
+from harness.metrics.registry import direction, direction_label
+from harness.results import discover
 
 PLOT_METRICS = 6  # per (model, protocol): the first N metrics in leaderboard order
 
@@ -27,7 +37,8 @@ h3{font-size:16px;margin:18px 0 6px}
 table{border-collapse:collapse;margin:6px 0 16px;font-size:14px}
 th,td{border:1px solid #d0d7de;padding:4px 10px;text-align:right}
 th{background:#f6f8fa}td.method,th.method{text-align:left;font-weight:600}
-tr.fp td{background:#eef6ff}
+tr.fp td{background:#eef6ff}tr.floor td{background:#f6f8fa;font-style:italic}
+table.headline td{white-space:nowrap}
 .delta{color:#57606a;font-size:12px;margin-left:4px}.worse{color:#cf222e}.better{color:#1a7f37}
 .grid{display:flex;flex-wrap:wrap;gap:14px}.grid figure{margin:0;text-align:center;font-size:13px}
 .grid img{image-rendering:pixelated;border:1px solid #d0d7de;width:264px}
@@ -70,20 +81,11 @@ def _bits_key(b: str) -> tuple:
 INF = 1e300  # MLflow stores inf (e.g. PSNR of FP against itself) as the largest float
 
 
-def _fmt(mean: float, std: float, n: int) -> str:
-    if abs(mean) > INF:
-        return "∞" if mean > 0 else "-∞"
-    if n > 1 and pd.notna(std):
-        return f"{mean:.4g} ± {std:.2g}"
-    return f"{mean:.4g}"
-
-
 def metric_table(part: pd.DataFrame, metric: str) -> str:
     """One metric of one (model, protocol): rows methods (FP first), columns bit-widths."""
     m = part[part["metric"] == metric]
     bits = _bits_order(sorted(m["bits"].unique().tolist()))
-    methods = sorted(m["method"].unique().tolist())
-    methods = (["fp"] if "fp" in methods else []) + [x for x in methods if x != "fp"]
+    methods = _method_order(m["method"].unique().tolist())
     fp = m[(m["method"] == "fp")]
     fp_mean = float(fp["mean"].iloc[0]) if len(fp) else None
     lower = _lower_is_better(metric)
@@ -98,7 +100,7 @@ def metric_table(part: pd.DataFrame, metric: str) -> str:
                 cells.append("<td></td>")
                 continue
             r = c.iloc[0]
-            text = html.escape(_fmt(r["mean"], r["std"], int(r["n"])))
+            text = html.escape(_cell(r))
             if fp_mean is not None and method != "fp" and abs(fp_mean) < INF and abs(float(r["mean"])) < INF:
                 d = float(r["mean"]) - fp_mean
                 worse = (d > 0) if lower else (d < 0)
@@ -156,20 +158,15 @@ def metric_plots(part: pd.DataFrame, metrics: list[str], title: str) -> bytes:
 def sample_grids(out: Path) -> dict[tuple[str, str], list[tuple[str, Path]]]:
     """{(model, protocol): [(label, samples_grid.png)]} of complete runs under OUT/runs (newest per label)."""
     found: dict[tuple[str, str], dict[str, tuple[float, Path]]] = {}
-    for res_path in sorted(Path(out).glob("runs/*/*/results.json")):
-        grid = res_path.parent / "samples_grid.png"
-        try:
-            res = json.loads(res_path.read_text())
-        except json.JSONDecodeError:
+    for run in discover(Path(out), complete_only=True):
+        grid = run.dir / "samples_grid.png"
+        if not grid.is_file():
             continue
-        if res.get("status") != "complete" or not grid.is_file():
-            continue
-        s = res["spec"]
+        s = run.spec
         label = f"{s['method']} {s['bits']} seed {s['seed']}" + (f" ({s['scope']})" if s["scope"] != "uniform" else "")
         slot = found.setdefault((s["model"], s["protocol"]), {})
-        mtime = res_path.stat().st_mtime
-        if label not in slot or mtime > slot[label][0]:
-            slot[label] = (mtime, grid)
+        if label not in slot or run.mtime > slot[label][0]:
+            slot[label] = (run.mtime, grid)
 
     def order(item):
         label = item[0]
@@ -179,11 +176,25 @@ def sample_grids(out: Path) -> dict[tuple[str, str], list[tuple[str, Path]]]:
     return {k: [(lab, p) for lab, (_, p) in sorted(v.items(), key=order)] for k, v in found.items()}
 
 
-def render(summary: pd.DataFrame, grids: dict[tuple[str, str], list[tuple[str, Path]]], note: str = "") -> str:
+def headline_table(t: pd.DataFrame) -> str:
+    """The headline table (:func:`harness.leaderboard.headline`) as HTML."""
+    head = "".join(f"<th>{html.escape(str(c))}</th>" for c in t.columns)
+    rows = [f"<table class='headline'><thead><tr>{head}</tr></thead><tbody>"]
+    for _, r in t.iterrows():
+        cls = " class='fp'" if r["method"] == "fp" else (" class='floor'" if r["method"].startswith("floor") else "")
+        cells = "".join(f"<td{' class=method' if i == 0 else ''}>{html.escape(str(v))}</td>" for i, v in enumerate(r))
+        rows.append(f"<tr{cls}>{cells}</tr>")
+    rows.append("</tbody></table>")
+    return "".join(rows)
+
+
+def render(summary: pd.DataFrame, grids: dict[tuple[str, str], list[tuple[str, Path]]], note: str = "",
+           heads: dict[tuple[str, str], pd.DataFrame] | None = None) -> str:
     parts = ["<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>",
              "<title>dmqbench leaderboard</title>", f"<style>{CSS}</style></head><body>",
              "<h1>dmqbench leaderboard</h1>",
-             "<p class='note'>Cells: mean over seeds (± std when a spec ran with several seeds); "
+             "<p class='note'>Cells: value [95% bootstrap interval over images] for one seed, mean ± std over "
+             "several seeds; * / †: significantly better / worse than rtn at the same bit-width (paired bootstrap); "
              "Δ FP: difference to the full-precision reference of the same model and protocol "
              "(red: worse, green: better). Metrics keyed <code>metric/network</code>: "
              "<code>fid/cifarnet</code> is not comparable with a published Inception FID.</p>"]
@@ -194,6 +205,9 @@ def render(summary: pd.DataFrame, grids: dict[tuple[str, str], list[tuple[str, P
         anchor = html.escape(f"{model}-{protocol}")
         toc.append(f"<li><a href='#{anchor}'>{html.escape(model)} — {html.escape(protocol)}</a></li>")
         parts.append(f"<h2 id='{anchor}'>{html.escape(model)} — protocol <code>{html.escape(protocol)}</code></h2>")
+        head = (heads or {}).get((model, protocol))
+        if head is not None and len(head.columns) > 2:
+            parts.append(f"<h3>Headline</h3><p class='note'>{html.escape(LEGEND)}</p>{headline_table(head)}")
         metrics = _metric_order(part["metric"].unique().tolist())
         plot_metrics = [m for m in metrics if m in PRIMARY or not m.startswith("time/")][:PLOT_METRICS]
         if plot_metrics and (part["bits"] != "fp").any():
@@ -218,12 +232,12 @@ def render(summary: pd.DataFrame, grids: dict[tuple[str, str], list[tuple[str, P
     return "\n".join(parts)
 
 
-def write_html(tracking_uri: str, out: Path, dest: Path, note: str = "") -> Path:
-    """Write ``dest/leaderboard.html`` from the MLflow store (tables) and OUT/runs (sample grids)."""
-    summary = summarise(load_runs(tracking_uri))
+def write_html(out: Path, dest: Path, note: str = "") -> Path:
+    """Write ``dest/leaderboard.html`` from OUT/runs (tables, plots and sample grids)."""
+    summary, runs = build_summary(Path(out))
     if summary.empty:
-        raise ValueError(f"no completed runs in {tracking_uri}: run `bench run --out DIR` first")
-    page = render(summary, sample_grids(Path(out)), note)
+        raise ValueError(f"no complete runs under {Path(out) / 'runs'}: run `bench run --out {out}` first")
+    page = render(summary, sample_grids(Path(out)), note, headlines(summary, runs))
     dest.mkdir(parents=True, exist_ok=True)
     path = dest / "leaderboard.html"
     path.write_text(page, encoding="utf-8")

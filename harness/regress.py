@@ -9,9 +9,15 @@ windows per metric pattern::
      "tolerances": {"fid/*": {"abs": 0.5, "rel": 0.05}, "kid_std/*": {"ignore": true}, ...},
      "runs": [{"key": {"model": ..., "method": ..., ...}, "config_hash": "...", "metrics": {...}}]}
 
-A metric regresses when it is worse than the baseline by more than ``abs + rel * |baseline|``,
-in the metric's own direction (lower is better for FID, sFID, KID, MSEs; higher for IS and
-PSNR). Better by more than the window is "improved" (not a failure). A baseline run with no
+A metric's direction comes from the metric registry (:mod:`harness.metrics.registry`). When the
+baseline run carries the metric's 95% bootstrap interval ``[lo, hi]`` (``<metric>_ci_low`` and
+``<metric>_ci_high``, written by ``--update`` like any metric), the window *is* that interval: the
+current value regresses when it lies strictly outside it on the worse side (lower-is-better:
+``current > hi``; higher-is-better: ``current < lo``; no direction: either side), improves when
+strictly outside on the better side, and is ok inside or on a bound. Without an interval, a
+metric regresses when it is worse than the baseline by more than ``abs + rel * |baseline|``
+(lower is better for FID, sFID, KID, MSEs; higher for IS and PSNR) and improves when better by
+more than that. Interval keys are never judged on their own. A baseline run with no
 complete result, or a failed run, is a regression; a result with no baseline entry is "new".
 A non-finite current value (NaN, ±Inf) is a regression, except the same infinity as the
 baseline's (FP's PSNR against its own samples is +Inf). ``--update`` takes the protocol from
@@ -28,9 +34,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from harness.leaderboard import direction
+from harness.metrics.registry import direction, interval, interval_of
+from harness.results import KEY_FIELDS, discover, key_label, run_key
 
-KEY_FIELDS = ("model", "protocol", "method", "bits", "seed", "preset", "scope")
 FORMAT = 1
 
 DEFAULT_TOLERANCES: dict[str, dict[str, Any]] = {
@@ -42,6 +48,9 @@ DEFAULT_TOLERANCES: dict[str, dict[str, Any]] = {
     "is/*": {"rel": 0.05},
     "paired/*": {"rel": 0.1},
     "paired/psnr": {"rel": 0.03},
+    "paired/ssim": {"abs": 0.005},
+    "fid_fp/*": {"abs": 0.05, "rel": 0.1},
+    "kid_fp/*": {"abs": 0.001, "rel": 0.1},
     "*": {"rel": 0.1},
 }
 
@@ -64,13 +73,6 @@ def tolerance_for(metric: str, tolerances: dict[str, dict]) -> dict:
     return tolerances[max(matches, key=lambda p: len(p.replace("*", "")))]
 
 
-def run_key(spec: dict) -> tuple:
-    return tuple(str(spec[k]) for k in KEY_FIELDS)
-
-
-def key_label(key: tuple | dict) -> str:
-    d = dict(zip(KEY_FIELDS, key)) if isinstance(key, tuple) else key
-    return f"{d['model']} {d['method']} {d['bits']} s{d['seed']} ({d['preset']}, {d['scope']})"
 
 
 def latest_results(out: Path, protocol: str | None = None) -> dict[tuple, dict]:
@@ -78,20 +80,7 @@ def latest_results(out: Path, protocol: str | None = None) -> dict[tuple, dict]:
     runs = Path(out) / "runs"
     if not runs.is_dir():
         raise RegressError(f"no runs under {runs}: run `bench run --out {out}` first")
-    found: dict[tuple, tuple[float, dict]] = {}
-    for p in runs.glob("*/*/results.json"):
-        try:
-            res = json.loads(p.read_text())
-            spec = res["spec"]
-            key = run_key(spec)
-        except (json.JSONDecodeError, KeyError, TypeError):
-            continue
-        if protocol is not None and spec.get("protocol") != protocol:
-            continue
-        mtime = p.stat().st_mtime
-        if key not in found or mtime > found[key][0]:
-            found[key] = (mtime, res)
-    return {k: v for k, (_, v) in found.items()}
+    return {run.key: run.results for run in discover(Path(out), protocol)}
 
 
 def load_baseline(path: Path) -> dict:
@@ -156,14 +145,17 @@ class Report:
         return not self.failures
 
 
-def judge(metric: str, base: float, cur: float, tol: dict) -> tuple[str, str]:
-    """(verdict, window text) of one metric."""
+def judge(metric: str, base: float, cur: float, tol: dict,
+          ci: tuple[float, float] | None = None) -> tuple[str, str]:
+    """(verdict, window text) of one metric; ``ci``: the baseline's 95% interval, which replaces ``tol``."""
     a, r = float(tol.get("abs", 0.0)), float(tol.get("rel", 0.0))
     allowed = a + r * abs(base)
     window = " + ".join(x for x in ([f"{a:g}"] if a else []) + ([f"{r:.0%}"] if r else [])) or "exact"
     if tol.get("ignore"):
         return IGNORED, "ignored"
     cur, base = _inf(cur), _inf(base)
+    if ci is not None and all(math.isfinite(_inf(x)) for x in ci) and ci[0] <= base <= ci[1]:
+        return _judge_interval(metric, cur, ci)
     if cur == base:
         return OK, window  # also the same infinity (FP's PSNR to itself)
     if not math.isfinite(cur):
@@ -178,6 +170,20 @@ def judge(metric: str, base: float, cur: float, tol: dict) -> tuple[str, str]:
     if -worse > allowed:
         return IMPROVED, window
     return OK, window
+
+
+def _judge_interval(metric: str, cur: float, ci: tuple[float, float]) -> tuple[str, str]:
+    """Outside the baseline's 95% interval on the worse side regresses, on the better side improves."""
+    lo, hi = ci
+    window = f"95% CI [{lo:.4g}, {hi:.4g}]"
+    if not math.isfinite(cur):
+        return REGRESSED, window + " (non-finite)"
+    sign = direction(metric)
+    above, below = cur > hi, cur < lo
+    if sign == 0:
+        return (REGRESSED if above or below else OK), window + " (two-sided)"
+    worse, better = (above, below) if sign < 0 else (below, above)
+    return (REGRESSED if worse else IMPROVED if better else OK), window
 
 
 def compare(baseline: dict, results: dict[tuple, dict], baseline_path: str = "") -> Report:
@@ -200,20 +206,20 @@ def compare(baseline: dict, results: dict[tuple, dict], baseline_path: str = "")
         note = "" if res.get("config_hash") == entry.get("config_hash") else "config changed"
         for metric in sorted(entry["metrics"]):
             base = entry["metrics"][metric]
-            if not isinstance(base, int | float):
-                continue
+            if not isinstance(base, int | float) or interval_of(metric) is not None:
+                continue  # an interval bound is part of its metric's window
             cur = cur_metrics.get(metric)
             tol = tolerance_for(metric, tolerances)
             if not isinstance(cur, int | float):
                 verdict = IGNORED if tol.get("ignore") else MISSING
                 report.rows.append(Row(label, metric, float(base), None, verdict, note="metric not in results"))
                 continue
-            verdict, window = judge(metric, float(base), float(cur), tol)
+            verdict, window = judge(metric, float(base), float(cur), tol, interval(entry["metrics"], metric))
             why = "non-finite value" if not math.isfinite(_inf(float(cur))) and verdict == REGRESSED else ""
             report.rows.append(Row(label, metric, float(base), float(cur), verdict, window,
                                    "; ".join(x for x in (note, why) if x)))
         for metric in sorted(set(cur_metrics) - set(entry["metrics"])):
-            if isinstance(cur_metrics[metric], int | float):
+            if isinstance(cur_metrics[metric], int | float) and interval_of(metric) is None:
                 report.rows.append(Row(label, metric, None, float(cur_metrics[metric]), NEW, note="not in baseline"))
     for key in sorted(results):
         if key not in seen:
@@ -266,7 +272,9 @@ def to_markdown(report: Report) -> str:
         lines.append(f"| {r.run} | `{r.metric}`{arrow} | {_fmt(r.baseline)} | {_fmt(r.current)} | "
                      f"{_fmt_delta(r.delta)} | {'—' if rel is None or not math.isfinite(rel) else f'{rel:+.2%}'} | "
                      f"{r.window} | {verdict} | {r.note} |")
-    legend = "\n↓ lower is better, ↑ higher is better; window = abs + rel × |baseline| in the worse direction.\n"
+    legend = ("\n↓ lower is better, ↑ higher is better; window: the baseline's 95% bootstrap interval when it has one "
+              "(a regression is a value outside it on the worse side), else abs + rel × |baseline| in the worse "
+              "direction.\n")
     return head + "\n" + "\n".join(lines) + "\n" + legend
 
 

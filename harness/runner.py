@@ -42,6 +42,7 @@ class RunOptions:
     device: str = "cpu"
     batch_size: int = 64
     inception_weights: str | None = None
+    lpips_weights: str | None = None  # local LPIPS state dict: adds paired/lpips/<backbone>
 
     @property
     def cache_dir(self) -> Path:
@@ -69,7 +70,8 @@ def _bank(model, schedule, spec: RunSpec, opts: RunOptions, seed_base: int = CAL
                           seed_base=seed_base, model_key=f"{spec.model}:{spec.model_path}")
 
 
-def _method(spec: RunSpec):
+def method_for(spec: RunSpec):
+    """The spec's method instance (its recorded config), scope and bit config."""
     cls = methods.get(spec.method)
     method = cls(cls.config_cls.from_dict(spec.method_config) if spec.method_config else None)
     scope = UNIFORM if spec.scope == "uniform" else method.paper_scope()
@@ -82,7 +84,7 @@ def _quantize(spec: RunSpec, model, bank: TrajectoryBank, rdir: Path):
 
     A saved state that does not load is moved aside (``*.corrupt``) and the run calibrates again."""
     saved, facts_path = rdir / "quantized.safetensors", rdir / "calibration.json"
-    method, scope, bits = _method(spec)
+    method, scope, bits = method_for(spec)
     if saved.exists() and facts_path.exists():
         try:
             denoiser = load_quantized(method, copy.deepcopy(model.denoiser), bits, scope, saved, bank.device)
@@ -154,11 +156,18 @@ def score(spec: RunSpec, opts: RunOptions, model, schedule, denoiser, images: np
     """Every metric of a run: the extractor metrics (from ``features`` when the ranks of a torchrun
     job extracted them, else from ``images``), the paired metrics against FP, and paired/eps_mse."""
     from harness.metrics import metrics_from_features, sample_features
+    from harness.metrics.fidelity import data_intervals
+    from harness.results import save_features, save_replicates
 
     if features is None:
         features = sample_features(images, spec.extractor, opts.device, opts.inception_weights)
+    rdir = run_dir(spec, opts.out)
+    save_features(rdir, features)  # kept: the FP comparison (fid_fp) and later fill-ins need no re-extraction
     metrics = metrics_from_features(features, device=opts.device, inception_weights=opts.inception_weights)
-    metrics.update(paired_to_reference(spec, images, opts.out))  # {} while FP is still sampling
+    intervals, replicates = data_intervals(features, metrics, inception_weights=opts.inception_weights)
+    metrics.update(intervals)
+    save_replicates(rdir, replicates)
+    metrics.update(paired_to_reference(spec, images, opts.out, features, opts))  # {} while FP is still sampling
     probe_seed_base = spec.seed * EVAL_SEED_STRIDE
     probe_bank = _bank(model, schedule, spec, opts, seed_base=probe_seed_base)
     probe = probe_bank.trajectories(min(PROBE_IMAGES, spec.num_samples))
@@ -174,13 +183,18 @@ def record_failure(results: dict, error: BaseException) -> None:
     results["traceback"] = "".join(traceback.format_exception(error))
 
 
-def _prepare(spec: RunSpec, opts: RunOptions, rdir: Path):
-    """Load the model and its schedule, and quantize it (or reload the quantized state)."""
-    t = time.perf_counter()
+def load_stage(spec: RunSpec, opts: RunOptions):
+    """The spec's FP model, its sampling schedule and its calibration trajectory bank."""
     torch.manual_seed(spec.seed)
     model = load_model(_model_spec(spec), spec.model_path, opts.device)
     schedule = make_schedule(model, spec.steps, spec.spacing)
-    bank = _bank(model, schedule, spec, opts)
+    return model, schedule, _bank(model, schedule, spec, opts)
+
+
+def _prepare(spec: RunSpec, opts: RunOptions, rdir: Path):
+    """Load the model and its schedule, and quantize it (or reload the quantized state)."""
+    t = time.perf_counter()
+    model, schedule, bank = load_stage(spec, opts)
     denoiser, facts = _quantize(spec, model, bank, rdir)
     return model, schedule, bank, denoiser, facts, time.perf_counter() - t
 
@@ -270,16 +284,58 @@ def run_one(spec: RunSpec, opts: RunOptions, rank: int = 0, world: int = 1) -> d
     return results
 
 
-def paired_to_reference(spec: RunSpec, images: np.ndarray, out: Path) -> dict[str, float]:
-    """``paired/mse`` and ``paired/psnr`` against the FP run of the same seeds, or ``{}`` while
-    its samples are incomplete (one array job runs both at once; the driver fills them in later
-    with :func:`add_paired_metrics`)."""
-    from harness.metrics import paired_metrics
+def paired_to_reference(spec: RunSpec, images: np.ndarray, out: Path, features: dict | None = None,
+                        opts: RunOptions | None = None) -> dict[str, float]:
+    """The fidelity metrics against the FP run of the same seeds (``paired/mse``, ``paired/psnr``,
+    ``paired/ssim``, ``paired/lpips/<backbone>`` with ``opts.lpips_weights``, ``fid_fp/<net>``,
+    ``kid_fp/<net>``, each with its interval; replicates saved to ``bootstrap.npz``), or ``{}`` while
+    the FP samples are incomplete (one array job runs both at once; the driver fills them in later
+    with :func:`add_paired_metrics`). ``features``: this run's, else read from ``features.npz`` (or
+    extracted again when that file is missing or damaged)."""
+    from harness.metrics.fidelity import fidelity_metrics
+    from harness.results import save_replicates
 
+    rdir = run_dir(spec, out)
     if spec.method == "fp":
-        return paired_metrics(images, images)
-    ref = ShardStore(run_dir(spec.fp_reference(), out) / "samples", spec.num_samples)
-    return paired_metrics(images, ref.load_all()) if ref.complete else {}
+        ref_images, ref_dir = images, rdir
+    else:
+        ref_dir = run_dir(spec.fp_reference(), out)
+        ref = ShardStore(ref_dir / "samples", spec.num_samples)
+        if not ref.complete:
+            return {}
+        ref_images = ref.load_all()
+    features = features if features is not None else _run_features(spec, rdir, images, opts)
+    ref_features = features if spec.method == "fp" else _run_features(spec, ref_dir, ref_images, opts)
+    lpips_model = _lpips(opts.lpips_weights) if opts is not None and opts.lpips_weights else None
+    metrics, replicates = fidelity_metrics(images, ref_images, features, ref_features, lpips_model)
+    save_replicates(rdir, replicates)
+    return metrics
+
+
+def _run_features(spec: RunSpec, rdir: Path, images: np.ndarray, opts: RunOptions | None) -> dict:
+    """The features a run saved when scored; extracted again (and saved) when missing or damaged."""
+    from harness.metrics import sample_features
+    from harness.results import load_features, save_features
+
+    found = load_features(rdir, len(images))
+    if found is not None:
+        return found
+    device = opts.device if opts is not None else "cpu"
+    weights = opts.inception_weights if opts is not None else None
+    features = sample_features(images, spec.extractor, device, weights)
+    save_features(rdir, features)
+    return features
+
+
+_LPIPS_CACHE: dict[str, object] = {}
+
+
+def _lpips(path: str):
+    if path not in _LPIPS_CACHE:
+        from harness.metrics.fidelity import load_lpips
+
+        _LPIPS_CACHE[path] = load_lpips(path)
+    return _LPIPS_CACHE[path]
 
 
 def needs_paired(spec: RunSpec, out: Path) -> bool:
@@ -288,10 +344,12 @@ def needs_paired(spec: RunSpec, out: Path) -> bool:
 
 
 def _lacks_paired(res: dict | None) -> bool:
-    return res is not None and res.get("status") == "complete" and "paired/mse" not in res.get("metrics", {})
+    metrics = res.get("metrics", {}) if res is not None else {}
+    # paired/ssim arrived with the fidelity metrics: a run scored before them gets them on the next sweep
+    return res is not None and res.get("status") == "complete" and not {"paired/mse", "paired/ssim"} <= set(metrics)
 
 
-def add_paired_metrics(spec: RunSpec, out: Path) -> bool:
+def add_paired_metrics(spec: RunSpec, out: Path, opts: RunOptions | None = None) -> bool:
     """Driver side: add the paired metrics to a complete run whose FP reference finished after it.
     Returns whether ``results.json`` was updated (atomically)."""
     rdir = run_dir(spec, out)
@@ -299,7 +357,7 @@ def add_paired_metrics(spec: RunSpec, out: Path) -> bool:
     if not _lacks_paired(res):
         return False
     images = ShardStore(rdir / "samples", spec.num_samples).load_all()
-    paired = paired_to_reference(spec, images, out)
+    paired = paired_to_reference(spec, images, out, opts=opts)
     if not paired:
         return False
     res["metrics"].update(paired)

@@ -1,4 +1,4 @@
-"""Fidelity to FP (harness/metrics/fidelity.py): fid_fp/kid_fp, SSIM through torchmetrics, LPIPS from a
+"""Fidelity to FP (harness/metrics/fidelity.py): fid_fp/kid_fp, SSIM through pytorch-msssim, LPIPS from a
 local file only, and the run-directory arrays that make the FP comparison need no re-extraction."""
 
 from __future__ import annotations
@@ -38,23 +38,24 @@ def test_fid_fp_equals_the_frechet_distance_of_the_two_fits(n: int, d: int) -> N
     assert fd_paired(a, b) == pytest.approx(frechet_distance(sa["mu"], sa["sigma"], sb["mu"], sb["sigma"]), rel=1e-6)
 
 
-def test_ssim_is_torchmetrics_value_and_hand_checked() -> None:
-    from torchmetrics.image import StructuralSimilarityIndexMeasure
+def test_ssim_is_the_library_value_and_hand_checked() -> None:
+    from pytorch_msssim import SSIM
 
     rng = np.random.default_rng(1)
     a = rng.integers(0, 256, size=(5, 3, 32, 32)).astype(np.uint8)
     b = np.clip(a.astype(int) + rng.integers(-40, 41, size=a.shape), 0, 255).astype(np.uint8)
     per_image = ssim_per_image(a, b)
-    lib = StructuralSimilarityIndexMeasure(data_range=1.0)(torch.from_numpy(a).float() / 255,
-                                                         torch.from_numpy(b).float() / 255)
-    assert per_image.mean() == pytest.approx(float(lib), abs=1e-6)
+    lib = SSIM(data_range=255, channel=3)(torch.from_numpy(a).float(), torch.from_numpy(b).float())  # 0..255 scale
+    assert per_image.mean() == pytest.approx(float(lib), abs=1e-5)
+    assert per_image[0] != per_image[1]  # one value per image, not a batch mean
     assert np.all(ssim_per_image(a, a) == pytest.approx(1.0))
     # constant images x, y: variances and covariance 0, so SSIM = (2xy + C1) / (x² + y² + C1), C1 = 0.01²
-    x, y = 100 / 255, 140 / 255
-    ca, cb = np.full((1, 3, 32, 32), 100, np.uint8), np.full((1, 3, 32, 32), 140, np.uint8)
+    # (dark values, so that C1 matters: without it the value would be 2xy / (x² + y²) = 0.6)
+    x, y = 2 / 255, 6 / 255
+    ca, cb = np.full((1, 3, 32, 32), 2, np.uint8), np.full((1, 3, 32, 32), 6, np.uint8)
     expected = (2 * x * y + 1e-4) / (x * x + y * y + 1e-4)
-    assert ssim_per_image(ca, cb)[0] == pytest.approx(expected, rel=1e-6)
-    assert expected < 0.95
+    assert expected == pytest.approx(0.6559, abs=1e-4)
+    assert ssim_per_image(ca, cb)[0] == pytest.approx(expected, rel=1e-4)  # float32 convolution
 
 
 def _lpips_file(tmp_path: Path, net: str = "alex") -> Path:

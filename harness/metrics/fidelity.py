@@ -42,16 +42,17 @@ def _networks(features: dict) -> list[str]:
 
 # --------------------------------------------------------------------------- per-image values
 def _unit(x: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(x)).double() / 255.0
+    return torch.from_numpy(np.ascontiguousarray(x)).float() / 255.0
 
 
 def ssim_per_image(samples_a: np.ndarray, samples_b: np.ndarray) -> np.ndarray:
-    """SSIM of each image pair (uint8 ``[N,3,H,W]``, data range 1) with torchmetrics' implementation
-    (Gaussian window 11, σ 1.5, k1 0.01, k2 0.03; mean over channels and pixels)."""
-    from torchmetrics.functional.image import structural_similarity_index_measure
+    """SSIM of each image pair (uint8 ``[N,3,H,W]``, data range 1) with pytorch-msssim's implementation
+    (Wang et al. 2004: Gaussian window 11, σ 1.5, K = (0.01, 0.03), valid convolution; mean over the
+    channels and window positions)."""
+    from pytorch_msssim import ssim
 
     a, b = as_numpy(samples_a), as_numpy(samples_b)
-    out = structural_similarity_index_measure(_unit(a), _unit(b), data_range=1.0, reduction="none")
+    out = ssim(_unit(a), _unit(b), data_range=1.0, size_average=False)
     return out.double().numpy().reshape(len(a))
 
 
