@@ -1,57 +1,34 @@
-"""``adpdm``: ADP-DM / APQ-DM, the variant of the *official code* (``ChangyuanWang17/APQ-DM``).
+"""``adpdm``: ADP-DM / APQ-DM (Wang et al., "Towards Accurate Post-training Quantization for Diffusion
+Models", CVPR 2024, arXiv 2305.18723; v1 "... Data-free Quantization ..." = ADP-DM), following the
+*official code* ``ChangyuanWang17/APQ-DM`` where paper and code differ.
 
-Wang et al., "Towards Accurate Post-training Quantization for Diffusion Models", CVPR 2024
-(arXiv 2305.18723; v1 "... Data-free Quantization ..." = ADP-DM). The paper and the code
-differ (``docs/methods/adpdm.md``); this row is the code, and each point below
-says which source it follows:
+Algorithm (docs/methods/adpdm.md has the per-point comparison; measurements are in results/README.md):
 
-* **Activation groups** (paper: timesteps' quantization functions grouped by importance
-  weights found by differentiable search; code: the concrete form). Per quantized layer and
-  sampler step, ``G = 8`` candidate clipping ranges from binned per-channel statistics and
-  softmax importance logits per (step, group, channel); the calibration output is the
-  importance-weighted sum of the ``G`` fake-quantized inputs
-  (:class:`methods.quant.group_search.GroupMixtureQuantizer`). Asymmetric, ``2^b`` levels.
-* **Loss** (code): the quantized model's own noise-prediction error on re-noised states,
-  ``|| eps_q(sqrt(a_t) x_c + sqrt(1 - a_t) e, t) - e ||^2`` (summed over pixels, averaged over
-  the batch, as ``noise_estimation_loss``), plus ``entropy_weight`` (1.0) x the group-weight
-  entropy / G^2 summed over layers. Only the logits are trained: AdamW, lr 0.05, weight decay
-  0.05, a fresh optimizer per round, one step per sampler step per round. *Deviation*: the
-  official loop feeds each step the quantized model's own DDIM chain started from the
-  calibration state; we re-noise the FP calibration state ``x_c`` itself at every step (same
-  loss form, no dependence on a drifting quantized chain). ``alphas_cumprod`` comes from the
-  calibration source.
-* **Candidate ranges** (code): recomputed from each round's batch at each step (the last
-  round's batch wins, as in the code), per-channel min/max widened to at least the floor
-  range [-4, 6] x f, where f is chosen in the first round among 1.0, 0.9, ..., 0.2 by the
-  least L_0.5 error (kept only if below 0.2, "as in LAPQ").
-* **Calibration timestep selection** (paper: structural risk minimisation, entropy and
-  sampling counts plus an MMD term; code: no MMD). Each round the FP model generates a fresh
-  batch (``calib.generate``), and the step with the highest summed group-weight entropy minus
-  2 x times already picked is chosen among step indices >= 30 % of the schedule (30 of 100 in
-  the code, scaled); its FP trajectory state is the round's calibration batch.
-* **Inference** (code): per step, the importance-weighted average of the ``G`` ranges (soft,
-  no argmax), exported into a :class:`methods.quant.step_table.StepTableQuantizer`: one fixed
-  parameter set per step, a table lookup through the timestep context. The *timestep
-  partition* reported (plot + JSON) is the dominant group per step per layer.
-* **Per-step state and other step counts**: tables are tied to the calibration schedule;
-  sampling with a different step count maps each call to the nearest calibrated timestep.
-* **Weights** -- *deviation from the official code*. The code quantizes weights per output
-  channel with step max/(2^(b-1)-1), clamped to [min, max]: a symmetric grid set by the
-  positive side only. Our default, ``weight_symmetric=False``, is per-channel **asymmetric**
-  min-max round-to-nearest, the same weight rule as the ``rtn`` baseline, so the ADP-DM row
-  differs from RTN only in its activations (the method's contribution). Why: at 4 bits a
-  symmetric grid halves the levels a skewed channel can use; on tiny-cifar10 at W4A8 (fast
-  preset, 32 images, paired MSE) the official rule gives 0.0133 and the asymmetric one 0.0047,
-  against RTN's 0.0049 (``results/README.md``). ``weight_symmetric=True`` restores the
-  official grid (as per-channel symmetric min-max, step max|w|/(2^(b-1)-1): identical when
-  |min| <= max; when |min| > max the official clamp silently uses more than 2^b levels, ours
-  never does). ``weight_recon=True`` (not in the official code) replaces RTN weights by
-  BRECQ + AdaRound from ``methods.quant.recon``, activations off, before the group search.
-* **Granularity**: ``per-channel`` activation ranges, as released (simulation only: a
-  per-input-channel scale cannot be folded into an integer matmul), or ``per-tensor``
-  (deployable). Reported in the config and in the facts.
-* **Scope**: ``paper_scope`` is the code's (ResnetBlock conv1/conv2 only, everything else FP);
-  under the harness's ``uniform`` scope every conv/linear gets the timestep-aware quantizer.
+* **Groups**: per quantized layer input and sampler step, ``G = 8`` candidate clipping ranges from
+  binned per-channel extremes (floor range [-4, 6] x f, f searched in round 0 by L_0.5) and softmax
+  importance logits per (step, group, channel); during calibration the output is the weighted sum
+  of the ``G`` fake-quantized inputs (:class:`methods.quant.group_search.GroupMixtureQuantizer`).
+* **Search**: rounds of ``batch_size`` fresh FP trajectories (``calib_images / batch_size`` rounds);
+  each round picks a step by the official selector (entropy - 2 x times picked, steps >= 30 % of the
+  schedule) and, for every step, re-noises that FP state, and takes one AdamW step (lr 0.05, wd 0.05)
+  on the logits against the quantized model's eps error + entropy / G^2.
+* **Inference**: per step, the weight-averaged range, exported into a ``StepTableQuantizer``.
+* **Weights** (``weight_rule``): ``official`` (paper preset) = the code's rule
+  (:class:`~methods.quant.group_search.APQWeightQuantizer`); ``asymmetric`` (our default, ``fast``) =
+  per-channel min-max RTN as the ``rtn`` row; ``symmetric`` = max|w| signed grid (not the official rule).
+  ``weight_recon=True`` (not in the code) adds BRECQ + AdaRound weights.
+
+Deviations and named variants (paper preset = official where a variant exists):
+
+* ``search_weights``: ``fp`` (official: calibrate mode uses FP weights) or ``quantized`` (ours);
+* ``input_grad``: ``none`` (official: plain round, conv1 logits get no data gradient) or ``ste`` (ours);
+* calibration states: the FP state is re-noised at every step as is; the code maps it through
+  ``inverse_data_transform`` ((x+1)/2 clamped to [0, 1]) and follows a DDIM chain driven by the
+  quantized model, re-noised each step as if it were x0 (declared, not offered);
+* the round-0 floor search scores the first 2 images of the batch (cost); tables map another
+  step count to the nearest calibrated timestep; under the ``uniform`` scope the [-4, 6] floor applies
+  to every conv/linear input (the code only has ResnetBlock convs), and the facts count the
+  (layer, step) pairs whose 8 candidate ranges are all identical.
 """
 
 from __future__ import annotations
@@ -65,12 +42,13 @@ import torch
 
 from methods.base import BitConfig, CalibrationSource, MethodConfig, QuantMethod
 from methods.quant.group_search import (
+    APQWeightQuantizer,
     GroupMixtureQuantizer,
     SRMSelector,
     entropy_regulariser,
     sum_step_entropies,
 )
-from methods.quant.layers import QuantLayer
+from methods.quant.layers import QuantLayer, quantizers_disabled
 from methods.quant.step_table import StepTableQuantizer, channel_axis_of, in_channels_of
 from methods.quant.surgery import Scope, freeze_all, quant_layers
 from methods.quant.timestep import timestep_context
@@ -78,21 +56,18 @@ from methods.registry import register_method
 from models.denoiser import Denoiser
 
 GRANULARITIES = ("per-channel", "per-tensor")
+WEIGHT_RULES = ("asymmetric", "official", "symmetric")
+WEIGHT_LABELS = {"asymmetric": "per-channel asymmetric min-max RTN",
+                 "official": "official APQ-DM rule (step max(0, w_max)/(2^(b-1)-1), clamp to [w_min, w_max])",
+                 "symmetric": "per-channel symmetric max|w| RTN (not the official rule)"}
 
 
 @dataclass
 class ADPDMConfig(MethodConfig):
-    """ADP-DM hyperparameters. ``paper``: the official code's values. ``fast`` (CPU smoke) changes:
-
-    * ``calib_images`` 1024 -> 4 and ``batch_size`` 16 -> 2: 2 rounds instead of 64
-      (each round = one FP generation of the batch + one fwd/bwd per sampler step; the
-      8-way mixture makes each step costly on a CPU);
-    * with ``weight_recon``: 80 reconstruction iterations per block on 64 cached samples;
-    * nothing else: groups, lr, weight decay, entropy weight, selector rule and range init
-      are the official ones. Fewer rounds means fewer AdamW steps per step's logits (4 vs 64),
-      so the group weights stay closer to uniform (the inference range is then close to the
-      mean of the ``G`` candidate ranges).
-    """
+    """ADP-DM hyperparameters. ``paper``: the official code's values and rules (``weight_rule="official"``,
+    ``search_weights="fp"``, ``input_grad="none"``). ``fast`` (CPU smoke): 24 rounds of 1 image (the
+    official 64 rounds of 16), our defaults for the three rules; with ``weight_recon``, 80 iterations
+    per block on 64 cached samples. Everything else is official."""
 
     granularity: str = "per-channel"  # "per-channel" (as released, simulation-only) | "per-tensor"
     groups: int = 8
@@ -104,10 +79,12 @@ class ADPDMConfig(MethodConfig):
     logit_init: float = 0.01
     repeat_penalty: float = 2.0
     min_step_fraction: float = 0.3  # steps >= 30 of 100
-    floor_lo: float = -4.0  # official initial activation range [-4, 6]; None-like: set floor=False
+    floor_lo: float = -4.0  # official initial activation range [-4, 6]
     floor_hi: float = 6.0
     floor: bool = True
-    weight_symmetric: bool = False  # True: the official code's symmetric weight grid (see module docstring)
+    weight_rule: str = "asymmetric"  # "asymmetric" (rtn's) | "official" | "symmetric"
+    search_weights: str = "quantized"  # weights during the search: "quantized" | "fp" (official)
+    input_grad: str = "ste"  # mixture input gradient: "ste" | "none" (official)
     weight_recon: bool = False  # BRECQ + AdaRound weights via methods.quant.recon (official: min-max RTN)
     recon_images: int = 256  # with weight_recon: FP trajectories, at 20 uniformly spaced steps
     recon_iters: int = 20000  # Adam steps per block (Q-Diffusion's value)
@@ -115,12 +92,19 @@ class ADPDMConfig(MethodConfig):
     recon_samples: int | None = None  # cache at most this many samples (None: all)
     seed: int = 0
 
-    PRESETS = {"paper": {}, "fast": {"calib_images": 4, "batch_size": 2, "recon_images": 32, "recon_iters": 80,
-                                     "recon_batch": 8, "recon_samples": 64}}
+    PRESETS = {"paper": {"weight_rule": "official", "search_weights": "fp", "input_grad": "none"},
+               "fast": {"calib_images": 24, "batch_size": 1, "recon_images": 32, "recon_iters": 80,
+                        "recon_batch": 8, "recon_samples": 64}}
 
     def __post_init__(self) -> None:
         if self.granularity not in GRANULARITIES:
             raise ValueError(f"granularity must be one of {GRANULARITIES}, got {self.granularity!r}")
+        for name, allowed in (("weight_rule", WEIGHT_RULES), ("search_weights", ("quantized", "fp")),
+                              ("input_grad", ("ste", "none"))):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        if self.weight_rule == "official" and self.weight_recon:
+            raise ValueError("weight_recon reconstructs on a uniform grid: use weight_rule 'asymmetric' or 'symmetric'")
 
     @property
     def rounds(self) -> int:
@@ -142,7 +126,10 @@ class ADPDM(QuantMethod):
 
     def layer(self, name, module, w_bits, a_bits, structure):
         """Inference structure: a per-step table quantizer on every quantized input (filled by the search)."""
-        layer = QuantLayer(module, w_bits, a_bits, w_symmetric=self.config.weight_symmetric, a_symmetric=False)
+        layer = QuantLayer(module, w_bits, a_bits, w_symmetric=self.config.weight_rule == "symmetric",
+                           a_symmetric=False)
+        if self.config.weight_rule == "official":
+            layer.weight_quantizer = APQWeightQuantizer(w_bits)
         if layer.quant_act:
             axis = channel_axis_of(module) if self.config.granularity == "per-channel" else None
             layer.act_quantizer = StepTableQuantizer(a_bits, False, axis)
@@ -175,6 +162,7 @@ class ADPDM(QuantMethod):
                     layer.a_bits, num_steps, cfg.groups, in_channels_of(layer.module), channel_axis_of(layer.module),
                     per_channel, floor, cfg.logit_init,
                 ).to(calib.device)
+                layer.act_quantizer.input_grad = cfg.input_grad == "ste"
         for layer in layers.values():
             layer.init_weight_range("minmax")
         if cfg.weight_recon:
@@ -196,6 +184,9 @@ class ADPDM(QuantMethod):
         losses: list[float] = []
         was_training = unet.training
         unet.eval()
+        fp_weights = quantizers_disabled(unet, acts=False, weights=True) if cfg.search_weights == "fp" else None
+        if fp_weights is not None:  # official: the search sees FP weights (quantized only for inference)
+            fp_weights.__enter__()
         for r in range(cfg.rounds):
             traj = calib.generate(cfg.batch_size, r)
             step = selector.select(sum_step_entropies(list(mixers.values()), num_steps))
@@ -221,9 +212,13 @@ class ADPDM(QuantMethod):
                 opt.step()
                 round_loss += float(loss.detach())
             losses.append(round_loss / num_steps)
+        if fp_weights is not None:
+            fp_weights.__exit__(None, None, None)
         for q in mixers.values():
             q.calibrating = q.search_floor = False
         unet.train(was_training)
+        kl = importance_kl(list(mixers.values()))
+        flat = degenerate_candidates(list(mixers.values()))
 
         # ---- export: one fixed parameter set per step ----------------------------------
         partition: dict[str, list[int]] = {}
@@ -236,13 +231,43 @@ class ADPDM(QuantMethod):
         distinct = [len(set(v)) for v in partition.values()]
         return {
             "granularity": cfg.granularity,
-            "weights": ("per-channel symmetric min-max RTN (official)" if cfg.weight_symmetric
-                        else "per-channel asymmetric min-max RTN") + (" + BRECQ/AdaRound" if cfg.weight_recon else ""),
+            "weights": WEIGHT_LABELS[cfg.weight_rule] + (" + BRECQ/AdaRound" if cfg.weight_recon else ""),
+            "search_weights": cfg.search_weights,
+            "input_grad": cfg.input_grad,
+            "importance_kl_mean": kl[0],
+            "importance_kl_max": kl[1],
+            "importance_weight_max": kl[2],
+            "identical_candidate_steps": flat,
             "rounds": cfg.rounds,
             "calib_steps_picked": selector.history,
             "groups_per_layer_mean": sum(distinct) / max(1, len(distinct)),
             "round_loss": losses,
         }
+
+
+@torch.no_grad()
+def importance_kl(mixers: list[GroupMixtureQuantizer]) -> tuple[float, float, float]:
+    """KL(w || uniform) = log G - H(w) of every (layer, step, channel) weight vector: (mean, max), and max w."""
+    if not mixers:
+        return 0.0, 0.0, 0.0
+    kls, wmax = [], 0.0
+    for q in mixers:
+        w = q.weights()  # [S, G, C']
+        kls.append((w * (w.clamp_min(1e-12) * q.groups).log()).sum(1).flatten())
+        wmax = max(wmax, float(w.max()))
+    allkl = torch.cat(kls)
+    return float(allkl.mean()), float(allkl.max()), wmax
+
+
+@torch.no_grad()
+def degenerate_candidates(mixers: list[GroupMixtureQuantizer]) -> dict[str, int]:
+    """``(layer, step)`` pairs whose ``G`` candidate ranges are all identical (the floor covered every channel)."""
+    pairs = layers = 0
+    for q in mixers:
+        same = ((q.group_lo == q.group_lo[:, :1]).all(1) & (q.group_hi == q.group_hi[:, :1]).all(1)) & q.has_range
+        pairs += int(same.sum())
+        layers += int(bool(same.any()))
+    return {"layer_steps": pairs, "layers": layers, "of_layers": len(mixers)}
 
 
 def write_artifacts(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -95,11 +96,44 @@ def test_paper_scope_is_resnet_convs_only():
     assert not s.selects("mid_block.attentions.0.to_q") and s.first_last_bits == 16 and not s.attention_matmuls
 
 
-def test_presets_and_granularity():
-    assert ADPDMConfig.from_preset("paper").rounds == 64 and ADPDMConfig.from_preset("paper").groups == 8
-    assert ADPDMConfig.from_preset("fast").granularity == "per-channel"
+def test_official_weight_rule_hand_computed():
+    from methods.quant.group_search import APQWeightQuantizer
+
+    w = torch.tensor([[-1.0, 0.1, 0.35, 0.7], [-0.2, 0.0, 0.3, 0.2]])  # channel 0: |min| > max
+    q = APQWeightQuantizer(3)  # step = max(0, w_max) / 3
+    q.init_range(w)
+    assert torch.allclose(q.scale.flatten(), torch.tensor([0.7 / 3, 0.1]))
+    out = q(w)
+    s0 = 0.7 / 3
+    # -1 / s0 = -4.29 -> -4; 0.1 / s0 = 0.43 -> 0; 0.35 / s0 = 1.5 -> 2 (half to even)
+    assert torch.allclose(out[0], torch.tensor([-4 * s0, 0.0, 2 * s0, 0.7]))
+    assert torch.allclose(out[1], torch.tensor([-0.2, 0.0, 0.3, 0.2]))
+    w2 = torch.tensor([[-3.0, 0.3]])  # more levels than 2^b: round(-3 / 0.1) = -30
+    q.init_range(w2)
+    assert torch.allclose(q(w2), torch.tensor([[-3.0, 0.3]])) and float(q.scale) == pytest.approx(0.1)
+
+
+def test_official_mixture_passes_no_gradient_to_its_input():
+    q = GroupMixtureQuantizer(4, num_steps=1, groups=4, channels=3, channel_axis=1, floor=None)
+    q.calibrating, q.input_grad = True, False
+    x = torch.randn(2, 3, 4, 4, requires_grad=True)
+    with timestep_context(0, 5, 1):
+        (q(x) * torch.randn(2, 3, 4, 4)).sum().backward()
+    assert q.logits.grad.abs().sum() > 0 and (x.grad is None or x.grad.abs().sum() == 0)
+
+
+def test_paper_preset_is_the_official_code():
+    paper = ADPDM(ADPDMConfig.from_preset("paper"))
+    layer = paper.layer("down_blocks.0.resnets.0.conv1", torch.nn.Conv2d(4, 4, 3), 6, 6, {})
+    from methods.quant.group_search import APQWeightQuantizer
+
+    assert isinstance(layer.weight_quantizer, APQWeightQuantizer)
+    cfg = paper.config
+    assert (cfg.search_weights, cfg.input_grad, cfg.rounds) == ("fp", "none", 1024 // 16)
     with pytest.raises(ValueError):
         ADPDMConfig(granularity="per-pixel")
+    with pytest.raises(ValueError):
+        ADPDMConfig(weight_rule="official", weight_recon=True)
 
 
 @pytest.fixture(scope="module")
@@ -123,6 +157,8 @@ def test_end_to_end_tiny_random(setup, tmp_path, granularity):
     res = ADPDM(cfg).quantize(d, bank, BitConfig(4, 8), UNIFORM, tmp_path)
     f = res.facts
     assert f["granularity"] == granularity and f["calib_seconds"] > 0 and f["layers_quantized"] > 0
+    assert 0 <= f["importance_kl_mean"] <= f["importance_kl_max"] <= math.log(8)
+    assert 1 / 8 <= f["importance_weight_max"] <= 1
     assert all(min_calib_step(6) <= s for s in f["calib_steps_picked"])  # steps >= 30 % of 6
     assert res.artifacts["adpdm_groups"].exists() and res.artifacts["adpdm_groups"].suffix == ".png"
     layers = quant_layers(res.denoiser.unet)
@@ -158,37 +194,40 @@ def test_weight_recon_uses_adaround_from_the_engine(setup, tmp_path):
     assert torch.isfinite(_sample(res.denoiser, m, sch)).all()
 
 
-@pytest.mark.parametrize("method", ["adpdm", "tdq"])
-def test_weights_follow_rtn_by_default_and_official_grid_on_request(setup, tmp_path, method):
-    """Default: per-channel asymmetric min-max RTN, i.e. exactly the ``rtn`` baseline's weights, so the
-    row differs from RTN only in its activations. ``weight_symmetric=True``: a symmetric grid (the
-    official APQ-DM rule), whose per-channel step is max|w| / (2^(b-1) - 1) (hand-checked here)."""
+def test_weight_rules(setup, tmp_path):
+    """``asymmetric``: exactly the ``rtn`` baseline's weights; ``symmetric``: step max|w| / (2^(b-1) - 1) (NOT the
+    official rule); ``official``: the APQ-DM code's rule. TDQ's ``weight_symmetric`` is the signed grid."""
     import dataclasses
 
     import methods
+    from methods.quant.group_search import APQWeightQuantizer
 
     m, sch, bank = setup
     bits = BitConfig(4, 8)
-    cls = methods.get(method)
-    fast = cls.config_cls.from_preset("fast")
-    small = dict(calib_images=2, batch_size=2) if method == "adpdm" else dict(calib_images=2, calib_steps=2, iters=2)
     rtn_cls = methods.get("rtn")
     rtn = rtn_cls(rtn_cls.config_cls.from_preset("fast")).quantize(
         m.denoiser.with_unet(copy.deepcopy(m.denoiser.unet)), bank, bits, UNIFORM, tmp_path / "rtn")
     rtn_w = {n: ly.quantized_weight() for n, ly in quant_layers(rtn.denoiser.unet).items()}
-
-    for symmetric in (False, True):
-        cfg = dataclasses.replace(fast, weight_symmetric=symmetric, **small)
+    rules = ("asymmetric", "symmetric", "official")
+    runs = [("adpdm", dict(calib_images=2, batch_size=2, weight_rule=r)) for r in rules]
+    runs += [("tdq", dict(calib_images=2, calib_steps=2, iters=2, weight_symmetric=s)) for s in (False, True)]
+    for method, over in runs:
+        cls = methods.get(method)
+        cfg = dataclasses.replace(cls.config_cls.from_preset("fast"), **over)
         res = cls(cfg).quantize(m.denoiser.with_unet(copy.deepcopy(m.denoiser.unet)), bank, bits, UNIFORM,
-                                tmp_path / f"{method}{symmetric}")
+                                tmp_path / f"{method}{over}")
         layers = quant_layers(res.denoiser.unet)
-        assert res.facts["weights"].startswith("per-channel " + ("symmetric" if symmetric else "asymmetric"))
-        assert all(ly.weight_quantizer.symmetric == symmetric for ly in layers.values())
-        if not symmetric:
-            assert all(torch.equal(ly.quantized_weight(), rtn_w[n]) for n, ly in layers.items())
-        else:
-            name, ly = next((n, ly) for n, ly in layers.items() if ly.module.weight.dim() == 4 and ly.w_bits == 4)
-            w = ly.module.weight.detach()
+        rule = over.get("weight_rule", "symmetric" if over.get("weight_symmetric") else "asymmetric")
+        name, ly = next((n, ly) for n, ly in layers.items() if ly.module.weight.dim() == 4 and ly.w_bits == 4)
+        w = ly.module.weight.detach()
+        if rule == "asymmetric":
+            assert all(torch.equal(x.quantized_weight(), rtn_w[n]) for n, x in layers.items())
+        elif rule == "symmetric":
             step = w.abs().amax(dim=(1, 2, 3)).view(-1, 1, 1, 1) / 7  # 4 bits: levels -8..7
-            expected = torch.round(w / step).clamp(-8, 7) * step
+            assert torch.allclose(ly.quantized_weight(), torch.round(w / step).clamp(-8, 7) * step, atol=1e-6)
+        else:
+            assert isinstance(ly.weight_quantizer, APQWeightQuantizer)
+            lo, hi = w.amin(dim=(1, 2, 3), keepdim=True), w.amax(dim=(1, 2, 3), keepdim=True)
+            step = hi.clamp_min(0) / 7
+            expected = torch.minimum(torch.maximum(torch.round(w / step) * step, lo), hi)
             assert torch.allclose(ly.quantized_weight(), expected, atol=1e-6), name

@@ -61,19 +61,58 @@ def test_attention_processor_matches_diffusers_when_off_and_quantizes_when_on(mo
     assert any(k.endswith("processor.q_quantizer.scale") for k in unet.state_dict())
 
 
-def test_presets():
-    paper, fast = QDiffusionConfig.from_preset("paper"), QDiffusionConfig.from_preset("fast")
-    assert (paper.calib_images, paper.calib_steps, paper.weight_iters, paper.act_iters, paper.batch_size) == (
-        256, 20, 20000, 5000, 32)
-    assert (paper.round_weight, paper.b_start, paper.b_end, paper.warmup, paper.a_lr, paper.a_p) == (
-        0.01, 20.0, 2.0, 0.2, 4e-4, 2.4)
-    assert (paper.w_init, paper.w_lr, paper.joint) == ("minmax", 1e-3, False)  # the official script's values
-    assert fast.joint and fast.joint_iters < paper.weight_iters
-    assert QDiffusionConfig.from_dict(fast.to_dict()) == fast
-    assert isinstance(paper, MethodConfig)
-    assert get("qdiffusion") is QDiffusion
-    scope = QDiffusion().paper_scope()
-    assert scope.first_last_bits is None and scope.attention_matmuls
+def test_family_resolution_and_per_family_settings(model):
+    from methods.envelope import build
+    from methods.qdiffusion import FAMILIES, model_family
+
+    assert [model_family(n) for n in ("tiny-cifar10", "ddpm-cifar10", "ldm-lsun-bedroom", "ldm-lsun-church",
+                                      "ldm-imagenet", "sd-v1-4")] == ["ddim", "ddim", "ldm-lsun-bedroom",
+                                                                      "ldm-lsun-church", "ldm", "sd"]
+    paper = QDiffusionConfig.from_preset("paper")
+    for family in FAMILIES:
+        st = {"family": family, **paper.settings(family)}
+        d = model.denoiser.with_unet(copy.deepcopy(model.denoiser.unet))
+        build(QDiffusion(paper), d, BitConfig.parse("w6a6"), UNIFORM, {"splits": {}, "settings": st})
+        proc = next(iter(attention_processors(d.unet).values()))
+        layer = quant_layers(d.unet)["down_blocks.0.resnets.0.conv1"]
+        # softmax at 8 bits whatever the activation bits (16 for SD); --a_sym on the layers and the softmax
+        assert proc.probs_quantizer.bits == (16 if family == "sd" else 8) and proc.q_quantizer.bits == 6
+        sym = family in ("ddim", "ldm-lsun-bedroom")
+        assert layer.act_quantizer.symmetric == sym and proc.probs_quantizer.symmetric == sym
+    # an explicit value wins over the family's
+    assert QDiffusionConfig(softmax_bits=6).settings("sd")["softmax_bits"] == 6
+    assert get("qdiffusion") is QDiffusion and isinstance(paper, MethodConfig)
+    with pytest.raises(ValueError):
+        QDiffusionConfig(family="dit")
+
+
+def test_official_activation_init_sees_quantized_upstream():
+    """Official init: each quantizer fits on its first input, with every upstream quantizer already on."""
+    from methods.quant.calibrate import fit_ranges_online
+    from methods.quant.layers import QuantLayer
+
+    class Two(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = QuantLayer(torch.nn.Linear(4, 4), 8, 2)
+            self.b = QuantLayer(torch.nn.Linear(4, 4), 8, 8)
+
+        def forward(self, x, t, cond=None):
+            return self.b(self.a(x))
+
+    torch.manual_seed(0)
+    net = Two()
+    for ly in (net.a, net.b):
+        ly.init_weight_range("minmax")
+    x = torch.randn(16, 4)
+    fit_ranges_online(net, [net.a.act_quantizer, net.b.act_quantizer], [{"x": x, "t": torch.zeros(16)}], "minmax")
+    with torch.no_grad():
+        seen = net.a(x)  # what b receives: a's output from a 2-bit quantized input
+        fp = torch.nn.functional.linear(x, net.a.quantized_weight(), net.a.module.bias)
+    b = net.b.act_quantizer
+    lo, hi = b.fit_range(seen)
+    assert torch.equal(b.scale, (hi.clamp(min=0) - lo.clamp(max=0)) / 255)
+    assert not torch.equal(b.fit_range(fp)[1], hi)
 
 
 def test_end_to_end_tiny_random(model, tmp_path):
@@ -86,9 +125,11 @@ def test_end_to_end_tiny_random(model, tmp_path):
     res = QDiffusion(cfg).quantize(d, bank, BitConfig.parse("w4a8"), UNIFORM, tmp_path)
     f = res.facts
     assert f["calib_seconds"] > 0 and f["layers_quantized"] == len(quant_layers(d.unet))
-    assert f["shortcut_splits"] == 8 and f["attention_matmuls_quantized"] == 8
+    # official splitting: only the 1x1 shortcut that sees the raw concatenation, conv1 unsplit
+    assert f["shortcut_splits"] == 4 and f["attention_matmuls_quantized"] == 8 and f["family"] == "ddim"
     layers = quant_layers(d.unet)
-    split = layers["up_blocks.1.resnets.1.conv1"]
+    assert not layers["up_blocks.1.resnets.1.conv1"].split
+    split = layers["up_blocks.1.resnets.1.conv_shortcut"]
     # Two activation quantizers and two weight quantizers per skip concatenation, both active.
     assert split.split == 16 and len(split.act_quantizers()) == 2 and len(split.weight_quantizers()) == 2
     assert all(q.active for q in split.act_quantizers())

@@ -10,8 +10,9 @@ Stable Diffusion with ``--sm_abit 16``). The processor is an ``nn.Module`` set w
 ``.to(device)``; it holds all per-call state itself (no patched forwards).
 
 Range initialisation: :class:`AttentionRangeObserver` switches the matmul quantizers
-off, records what they would see during a calibration pass (min/max, and a random
-subsample for the L_p search) and fits the ranges on exit; it can share one pass with
+off, records what they would see during a calibration pass (min/max, and a uniform random
+subsample of all values, :class:`~methods.quant.calibrate.Reservoir`, for the L_p search) and fits
+the ranges on exit; it can share one pass with
 :func:`methods.quant.calibrate.init_activation_ranges`.
 """
 
@@ -21,6 +22,7 @@ import torch
 from torch import nn
 
 from methods.quant.base import OFF_BITS
+from methods.quant.calibrate import Reservoir
 from methods.quant.layers import quantizers_disabled
 from methods.quant.quantizer import UniformQuantizer
 
@@ -30,12 +32,15 @@ MATMUL_INPUTS = ("q", "k", "probs", "v")
 class QuantAttnProcessor(nn.Module):
     """Attention with fake-quantized matmul inputs; ranges per tensor, asymmetric by default."""
 
-    def __init__(self, a_bits: int = 8, softmax_bits: int = 8, symmetric: bool = False) -> None:
+    def __init__(self, a_bits: int = 8, softmax_bits: int = 8, symmetric: bool = False,
+                 softmax_symmetric: bool = False) -> None:
         super().__init__()
         self.q_quantizer = UniformQuantizer(a_bits, symmetric, None)
         self.k_quantizer = UniformQuantizer(a_bits, symmetric, None)
         self.v_quantizer = UniformQuantizer(a_bits, symmetric, None)
-        self.probs_quantizer = UniformQuantizer(softmax_bits, False, None)  # probabilities are in [0, 1]
+        # Probabilities are in [0, 1]: an asymmetric grid uses all 2^b levels, a symmetric one (Q-Diffusion's
+        # softmax quantizer under --a_sym) only the 2^(b-1) non-negative ones.
+        self.probs_quantizer = UniformQuantizer(softmax_bits, softmax_symmetric, None)
         self.observer = None  # callable(name, tensor) during range calibration
 
     def quantizers(self) -> dict[str, UniformQuantizer]:
@@ -100,14 +105,15 @@ def _attention_modules(unet: nn.Module) -> dict[str, nn.Module]:
     return {n: m for n, m in unet.named_modules() if isinstance(m, Attention)}
 
 
-def quantize_attention(unet: nn.Module, a_bits: int, softmax_bits: int | None = None, symmetric: bool = False) -> int:
+def quantize_attention(unet: nn.Module, a_bits: int, softmax_bits: int | None = None, symmetric: bool = False,
+                       softmax_symmetric: bool = False) -> int:
     """Give every diffusers ``Attention`` of ``unet`` a :class:`QuantAttnProcessor`; return how many."""
     if a_bits >= OFF_BITS:
         return 0
     softmax_bits = a_bits if softmax_bits is None else softmax_bits
     count = 0
     for attn in _attention_modules(unet).values():
-        attn.set_processor(QuantAttnProcessor(a_bits, softmax_bits, symmetric))
+        attn.set_processor(QuantAttnProcessor(a_bits, softmax_bits, symmetric, softmax_symmetric))
         count += 1
     return count
 
@@ -134,7 +140,7 @@ class AttentionRangeObserver:
         self.method, self.p, self.max_values = method, p, max_values
         self.lo: dict[str, torch.Tensor] = {}
         self.hi: dict[str, torch.Tensor] = {}
-        self.reservoir: dict[str, list[torch.Tensor]] = {}
+        self.reservoir: dict[str, Reservoir] = {}
         self.gen = torch.Generator().manual_seed(0)
 
     def _observer(self, proc_name: str):
@@ -144,10 +150,8 @@ class AttentionRangeObserver:
             lo, hi = x.amin(), x.amax()
             self.lo[key] = torch.minimum(self.lo[key], lo) if key in self.lo else lo
             self.hi[key] = torch.maximum(self.hi[key], hi) if key in self.hi else hi
-            if self.method == "mse":
-                flat = x.flatten().cpu()
-                keep = min(flat.numel(), self.max_values // 8)
-                self.reservoir.setdefault(key, []).append(flat[torch.randperm(flat.numel(), generator=self.gen)[:keep]])
+            if self.method != "minmax":
+                self.reservoir.setdefault(key, Reservoir(self.max_values, self.gen)).add(x)
 
         return observe
 
@@ -168,8 +172,8 @@ class AttentionRangeObserver:
                 key = f"{name}/{qname}"
                 if exc_type is not None or key not in self.lo:
                     continue
-                if self.method == "mse":
-                    q.init_range(torch.cat(self.reservoir[key])[: self.max_values], method="mse", p=self.p)
+                if self.method != "minmax":
+                    q.init_range(self.reservoir[key].values, method=self.method, p=self.p)
                 else:
                     q.set_range(self.lo[key], self.hi[key])
 

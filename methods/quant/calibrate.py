@@ -3,6 +3,16 @@
 Calibration batches mix timesteps, but the timestep context holds one step per call,
 so :func:`iterate_by_step` groups samples by step index and enters the context for
 each group: per-step quantizers then see their own step during calibration too.
+
+Two ways to fit static activation ranges:
+
+* :func:`init_activation_ranges`: on FP activations (activation quantizers off) of all
+  calibration samples; ``mse`` searches a :class:`Reservoir`, a uniform random subsample
+  of every value the layer saw (all steps alike);
+* :func:`fit_ranges_online`: the BRECQ/QDrop/Q-Diffusion way. Quantizers fit themselves on
+  the first batch that reaches them (later batches: an EMA of the per-batch fit), with the
+  weights and every upstream activation quantizer already on, so each range is fitted on
+  the inputs it will see at inference. Batches are random and mix steps.
 """
 
 from __future__ import annotations
@@ -11,6 +21,7 @@ from collections.abc import Callable, Iterator
 
 import torch
 
+from methods.quant.base import OFF_BITS, Quantizer
 from methods.quant.layers import QuantLayer, quantizers_disabled
 from methods.quant.timestep import timestep_context
 from models.denoiser import Denoiser
@@ -58,6 +69,29 @@ def observe_layer_inputs(
             h.remove()
 
 
+class Reservoir:
+    """A uniform random sample, without replacement, of at most ``size`` values from a stream of tensors.
+
+    Each value gets a uniform random key and the ``size`` smallest keys are kept, so every value
+    seen has the same chance of being in the sample whatever the batch it came in (and the
+    order of the batches).
+    """
+
+    def __init__(self, size: int, gen: torch.Generator) -> None:
+        self.size, self.gen = size, gen
+        self.values = torch.empty(0)
+        self.keys = torch.empty(0)
+
+    def add(self, x: torch.Tensor) -> None:
+        flat = x.detach().float().flatten().cpu()
+        keys = torch.rand(flat.numel(), generator=self.gen)
+        values, keys = torch.cat([self.values, flat]), torch.cat([self.keys, keys])
+        if values.numel() > self.size:
+            keys, idx = torch.topk(keys, self.size, largest=False)
+            values = values[idx]
+        self.values, self.keys = values, keys
+
+
 @torch.no_grad()
 def init_activation_ranges(
     denoiser: Denoiser,
@@ -69,17 +103,18 @@ def init_activation_ranges(
     batch_size: int = 32,
     device: torch.device | str = "cpu",
     max_values: int = 1 << 20,
+    seed: int = 0,
 ) -> None:
     """Fit every layer's input quantizer(s) on FP activations of the calibration samples.
 
-    ``minmax`` uses the running min/max over all samples; ``mse`` searches the L_p-optimal
-    range on a random subsample of at most ``max_values`` values per layer (enough for a
-    per-tensor range, and bounded memory whatever the calibration-set size).
+    ``minmax`` uses the running min/max over all samples; ``mse``/``qdrop`` search the L_p-optimal
+    range on a uniform random subsample (:class:`Reservoir`) of at most ``max_values`` values per
+    layer, drawn over all samples and steps (enough for a per-tensor range, bounded memory).
     """
-    lo: dict[str, list[torch.Tensor]] = {}
-    hi: dict[str, list[torch.Tensor]] = {}
-    reservoir: dict[str, list[torch.Tensor]] = {}
-    gen = torch.Generator().manual_seed(0)
+    lo: dict[str, torch.Tensor] = {}
+    hi: dict[str, torch.Tensor] = {}
+    reservoir: dict[str, Reservoir] = {}
+    gen = torch.Generator().manual_seed(seed)
 
     def parts(layer: QuantLayer, x: torch.Tensor) -> list[torch.Tensor]:
         return [x[:, : layer.split], x[:, layer.split :]] if layer.split else [x]
@@ -89,12 +124,10 @@ def init_activation_ranges(
         for i, part in enumerate(parts(layer, x.detach().float())):
             key = f"{name}/{i}"
             cur_lo, cur_hi = part.amin(), part.amax()
-            lo[key] = [torch.minimum(lo[key][0], cur_lo)] if key in lo else [cur_lo]
-            hi[key] = [torch.maximum(hi[key][0], cur_hi)] if key in hi else [cur_hi]
-            if method == "mse":
-                flat = part.flatten().cpu()
-                keep = min(flat.numel(), max_values // 8)
-                reservoir.setdefault(key, []).append(flat[torch.randperm(flat.numel(), generator=gen)[:keep]])
+            lo[key] = torch.minimum(lo[key], cur_lo) if key in lo else cur_lo
+            hi[key] = torch.maximum(hi[key], cur_hi) if key in hi else cur_hi
+            if method != "minmax":
+                reservoir.setdefault(key, Reservoir(max_values, gen)).add(part)
 
     observe_layer_inputs(denoiser, layers, samples, num_steps, on_input, batch_size, device)
     for name, layer in layers.items():
@@ -102,8 +135,64 @@ def init_activation_ranges(
             key = f"{name}/{i}"
             if key not in lo:
                 continue
-            if method == "mse":
-                values = torch.cat(reservoir[key])[:max_values]
-                quantizer.init_range(values, method="mse", p=p)
+            if method == "minmax":
+                quantizer.set_range(lo[key], hi[key])
             else:
-                quantizer.set_range(lo[key][0], hi[key][0])
+                quantizer.init_range(reservoir[key].values, method=method, p=p)
+
+
+def random_batches(samples: Batch, batch_size: int, max_samples: int | None = None, seed: int = 0) -> list[Batch]:
+    """The samples in a seeded random order (the first ``max_samples`` of it), cut into batches (steps mixed)."""
+    n = samples["x"].shape[0]
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    if max_samples is not None:
+        order = order[:max_samples]
+    return [{k: (v[idx] if isinstance(v, torch.Tensor) else v) for k, v in samples.items()}
+            for idx in order.split(batch_size)]
+
+
+@torch.no_grad()
+def fit_ranges_online(
+    denoiser: Denoiser,
+    quantizers: list[Quantizer],
+    batches: list[Batch],
+    method: str = "minmax",
+    p: float = 2.4,
+    momentum: float | None = None,
+    device: torch.device | str = "cpu",
+) -> int:
+    """Fit each of ``quantizers`` on what reaches it, with everything upstream quantized; return #batches.
+
+    A forward pre-hook on each quantizer fits its range on its input before it quantizes it (the
+    quantizer self-initialisation of BRECQ, QDrop and Q-Diffusion): on the first batch the range
+    is ``method``'s fit; on later batches, with ``momentum`` m, ``range = m * range + (1 - m) * fit``
+    (QDrop's EMA of per-batch optima, m = 0.9); ``momentum=None`` keeps the first batch's range.
+    Weights and all other quantizers stay as they are (on). Batches may mix timesteps: the
+    quantizers fitted here must not be timestep-aware.
+    """
+    fitted: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def pre(q, args):
+        if not q.enabled or q.bits >= OFF_BITS:
+            return
+        x = args[0]
+        lo, hi = q.fit_range(x, method, p)
+        if id(q) in fitted and momentum is not None:
+            lo0, hi0 = fitted[id(q)]
+            lo, hi = momentum * lo0 + (1 - momentum) * lo, momentum * hi0 + (1 - momentum) * hi
+        elif id(q) in fitted:
+            return
+        fitted[id(q)] = (lo, hi)
+        q.set_range(lo, hi, like=x.detach().float())
+
+    for q in quantizers:
+        q.initialized.fill_(False)  # a quantizer passes through until the hook has fitted it
+    handles = [q.register_forward_pre_hook(pre) for q in quantizers]
+    try:
+        for b in batches:
+            cond = b["cond"].to(device) if b.get("cond") is not None else None
+            denoiser(b["x"].to(device), b["t"].to(device), cond)
+    finally:
+        for h in handles:
+            h.remove()
+    return len(batches)

@@ -83,6 +83,7 @@ class GroupMixtureQuantizer(Quantizer):
         self.search_floor = False  # first round: LAPQ-style shrink of the floor range (official)
         self.search_p, self.search_threshold = 0.5, 0.2
         self.search_images = 2
+        self.input_grad = True  # False: the official code's plain round, no gradient into the input
         width = channels if per_channel else 1
         self.logits = nn.Parameter(torch.full((num_steps, groups, width), float(logit_init)))
         self.register_buffer("group_lo", torch.zeros(num_steps, groups))
@@ -131,7 +132,8 @@ class GroupMixtureQuantizer(Quantizer):
         scale, zp = scale_zero_point(lo, hi, self.bits, False)
         n = x.dim()
         shape = [self.groups] + [1] * n
-        q = fake_quant(x.unsqueeze(0), scale.view(shape), zp.view(shape), qmin, qmax)  # [G, *x.shape]
+        xin = x if self.input_grad else x.detach()  # official: torch.round without STE passes no input gradient
+        q = fake_quant(xin.unsqueeze(0), scale.view(shape), zp.view(shape), qmin, qmax)  # [G, *x.shape]
         w_shape = [self.groups] + [1] * n
         if self.per_channel:
             w_shape[1 + self.channel_axis % n] = -1
@@ -194,6 +196,44 @@ class GroupMixtureQuantizer(Quantizer):
         return self.weights().mean(-1).argmax(-1).tolist()
 
 
+class APQWeightQuantizer(Quantizer):
+    """The official APQ-DM weight rule (``QModule._quantize_weight``), per output channel (axis 0):
+    step ``s = max(0, w_max) / (2^(b-1) - 1)``, ``q(w) = clamp(round(w / s) * s, w_min, w_max)``.
+
+    The step comes from the positive side only and the integer levels are not clamped, so a
+    channel with ``|w_min| > w_max`` uses more than 2^b levels (down to ``round(w_min / s)``);
+    a channel with ``w_max <= 0`` gets the 1e-8 floor step (its weights pass almost unchanged).
+    """
+
+    def __init__(self, bits: int) -> None:
+        super().__init__(bits, symmetric=True, channel_axis=0)
+        self.register_buffer("scale", torch.ones(()))
+        self.register_buffer("lo", torch.zeros(()))
+        self.register_buffer("hi", torch.zeros(()))
+        self.register_buffer("initialized", torch.tensor(False))
+
+    @property
+    def ready(self) -> bool:
+        return bool(self.initialized)
+
+    @torch.no_grad()
+    def init_range(self, w: torch.Tensor, method: str = "minmax", p: float = 2.4) -> None:
+        if self.bits >= OFF_BITS:
+            return
+        if method != "minmax":
+            raise ValueError("the official APQ-DM weight rule is min-max only")
+        flat = w.detach().float().flatten(1)
+        shape = [-1] + [1] * (w.dim() - 1)
+        self.lo, self.hi = flat.amin(1).view(shape), flat.amax(1).view(shape)
+        self.scale = (self.hi.clamp_min(0) / (2 ** (self.bits - 1) - 1)).clamp_min(1e-8)
+        self.initialized.fill_(True)
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        if not self.active:
+            return w
+        return torch.clamp(torch.round(w / self.scale) * self.scale, self.lo, self.hi)
+
+
 def min_calib_step(num_steps: int, fraction: float = 0.3) -> int:
     """First allowed calibration step index: 30 of 100 in the official code, scaled to ``num_steps``."""
     return min(num_steps - 1, max(0, int(round(fraction * num_steps))))
@@ -237,6 +277,7 @@ def entropy_regulariser(quantizers: list[GroupMixtureQuantizer], step: int) -> t
 
 
 __all__ = [
+    "APQWeightQuantizer",
     "GroupMixtureQuantizer",
     "SRMSelector",
     "bin_groups",

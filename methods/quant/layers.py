@@ -115,6 +115,27 @@ class QuantLayer(nn.Module):
         return f"w{self.w_bits}a{self.a_bits}" + (f", split={self.split}" if self.split else "")
 
 
+class OutputQuantLayer(QuantLayer):
+    """A :class:`QuantLayer` that quantizes its **output** instead of its input (QDrop's ``QuantModule``:
+    ``out = self.act_quantizer(out)``), as PTQ4DM's released code does. The same ``act_quantizer``
+    attribute (and switches) as the input form; ``quant_act=False`` leaves the output in FP (the
+    network's last layer in QDrop). No shortcut split (the output is not a concatenation)."""
+
+    def __init__(self, module: nn.Conv2d | nn.Linear, w_bits: int, a_bits: int, w_symmetric: bool = True,
+                 w_channelwise: bool = True, a_symmetric: bool = False) -> None:
+        super().__init__(module, w_bits, a_bits, w_symmetric, w_channelwise, a_symmetric, split=0)
+
+    def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = super().forward(x)
+        return self.act_quantizer(y) if self.quant_act else y
+
+    def extra_repr(self) -> str:
+        return f"w{self.w_bits}a{self.a_bits}(output)"
+
+
 def _switches(module: nn.Module, acts: bool, weights: bool) -> Iterator[tuple[object, str]]:
     """(owner, attribute) of every switch under ``module`` that turns the chosen quantization off."""
     if isinstance(module, QuantLayer):

@@ -3,7 +3,9 @@
 The arithmetic and its conventions (grids, zero points, 16 bits = off) are in
 :mod:`methods.quant.base`; this module adds the range: fitted from data by ``minmax`` or
 ``mse``, the latter a grid search over shrunken ranges minimising the L_p error (p = 2.4 in
-PTQ4DM Table 4 and Q-Diffusion's code), or learned as an LSQ step by reconstruction.
+PTQ4DM Table 4 and Q-Diffusion's code), or ``qdrop`` (QDrop's 1-D search, PTQ4DM's released
+code: thresholds max|x| * i / 100, i = 1..100, range [-thr, thr], or [0, thr] / [-thr, 0] for
+one-signed data, on the 2^b-level affine grid), or learned as an LSQ step by reconstruction.
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ __all__ = ["OFF_BITS", "UniformQuantizer", "fake_quant", "fused_fake_quant", "qr
            "scale_zero_point"]
 
 _MSE_GRID = 80  # candidates 1.00, 0.99, ..., 0.21 of the min-max range (Q-Diffusion's grid)
+_QDROP_GRID = 100  # thresholds max|x| * i / 100, i = 1..100 (QDrop's perform_1D_search)
+RANGE_METHODS = ("minmax", "mse", "qdrop")
 
 
 def _reduce_dims(x: torch.Tensor, channel_axis: int | None) -> list[int]:
@@ -80,18 +84,46 @@ class UniformQuantizer(Quantizer):
 
     @torch.no_grad()
     def init_range(self, x: torch.Tensor, method: str = "minmax", p: float = 2.4) -> None:
-        """Set the range from data: ``minmax`` or ``mse`` (L_p grid search)."""
+        """Set the range from data: ``minmax``, ``mse`` (L_p grid search) or ``qdrop`` (QDrop's 1-D search)."""
         if self.bits >= OFF_BITS:
             return
+        x = x.detach().float()
+        self.set_range(*self.fit_range(x, method, p), like=x)
+
+    @torch.no_grad()
+    def fit_range(self, x: torch.Tensor, method: str = "minmax", p: float = 2.4) -> tuple[torch.Tensor, torch.Tensor]:
+        """The range ``(lo, hi)`` (per channel along ``channel_axis``) that ``method`` fits to ``x``; sets nothing."""
         x = x.detach().float()
         dims = _reduce_dims(x, self.channel_axis)
         lo, hi = x.amin(dim=dims), x.amax(dim=dims)
         if method == "minmax":
-            self.set_range(lo, hi, like=x)
-        elif method == "mse":
-            self.set_range(*self._search_lp(x, lo, hi, p, dims), like=x)
-        else:
-            raise ValueError(f"unknown range init {method!r}: use 'minmax' or 'mse'")
+            return lo, hi
+        if method == "mse":
+            return self._search_lp(x, lo, hi, p, dims)
+        if method == "qdrop":
+            return self._search_qdrop(x, lo, hi, p, dims)
+        raise ValueError(f"unknown range init {method!r}: use one of {', '.join(RANGE_METHODS)}")
+
+    def _search_qdrop(self, x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, p: float, dims: list[int]):
+        """QDrop's ``perform_1D_search``: thr = max|x| * i / 100; range [-thr, thr] ([0, thr] if x >= 0,
+        [-thr, 0] if x <= 0); least mean L_p error per channel. Meant for an asymmetric-arithmetic
+        quantizer (``symmetric=False``): QDrop's "symmetric" is 2^b levels on [-thr, thr]."""
+        qmin, qmax = self.qmin_qmax
+        absmax = torch.maximum(lo.abs(), hi.abs())
+        pos, neg = lo >= 0, hi <= 0
+        best_err = torch.full_like(lo, float("inf"))
+        best_lo, best_hi = lo.clone(), hi.clone()
+        for i in range(1, _QDROP_GRID + 1):
+            thr = absmax * i / _QDROP_GRID
+            c_lo = torch.where(pos, torch.zeros_like(thr), -thr)
+            c_hi = torch.where(neg, torch.zeros_like(thr), thr)
+            s, z = scale_zero_point(c_lo, c_hi, self.bits, self.symmetric)
+            s, z = broadcast_channels(s, x, self.channel_axis), broadcast_channels(z, x, self.channel_axis)
+            err = (fake_quant(x, s, z, qmin, qmax) - x).abs().pow(p).mean(dim=dims)
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            best_lo, best_hi = torch.where(better, c_lo, best_lo), torch.where(better, c_hi, best_hi)
+        return best_lo, best_hi
 
     def _search_lp(self, x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, p: float, dims: list[int]):
         """Shrink the min-max range by 1%, 2%, ... and keep, per channel, the one with least L_p error."""

@@ -21,7 +21,9 @@ Then, with Adam, the unit minimises ``lp_loss(unit(inputs), target)`` (``|.|^p``
 channels, averaged over the rest, as BRECQ) plus the AdaRound regulariser (weight 0.01,
 ``beta`` 20 -> 2 after a 20 % warm-up), learning the AdaRound variables of its weights
 (lr 1e-3, BRECQ's default) and/or the step sizes of its activation quantizers (LSQ,
-lr 4e-4 with cosine decay). Optional QDrop (Wei et al., ICLR 2022): each activation
+lr 4e-4 with cosine decay), on minibatches of distinct samples (``replacement=False``, as the
+official codes; ``True`` draws with replacement). Units run in eval mode (no dropout; the
+official codes leave the block in train mode). Optional QDrop (Wei et al., ICLR 2022): each activation
 quantizer's output is replaced by its input with probability ``drop_prob`` during
 optimisation. Rounding is hardened at the end of each unit.
 """
@@ -60,6 +62,7 @@ class ReconConfig:
     warmup: float = 0.2
     asym: bool = True  # quantized-model inputs vs FP targets
     drop_prob: float = 0.0  # QDrop; 0 = off
+    replacement: bool = False  # minibatch indices drawn with replacement (False: distinct, as BRECQ/Q-Diffusion)
     max_samples: int | None = None  # cache at most this many calibration samples (spread over the set)
     cache_batch: int = 64
     progress: bool = True
@@ -246,7 +249,11 @@ def reconstruct_unit(unit: Unit, inputs: tuple[list, dict, int], target: torch.T
         if opt_w is None and opt_a is None:
             return {"iters": 0}
         for it in range(cfg.iters):
-            idx = torch.randint(n, (min(cfg.batch_size, n),), generator=gen).to(target.device)
+            if cfg.replacement:
+                idx = torch.randint(n, (min(cfg.batch_size, n),), generator=gen)
+            else:  # distinct indices within a minibatch (torch.randperm(n)[:batch], the official codes)
+                idx = torch.randperm(n, generator=gen)[: min(cfg.batch_size, n)]
+            idx = idx.to(target.device)
             a = [v[idx] if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == n else v for v in args]
             kw = {k: (v[idx] if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == n else v)
                   for k, v in kwargs.items()}
