@@ -17,7 +17,11 @@ Modules:
   :func:`resolve_reference`, :func:`check_reference`;
 * :mod:`.sources`: reference image sources (folders, ADM ``.npz``, tar, CIFAR-10 pickles);
 * :mod:`.score`: :func:`sample_features`, :func:`metrics_from_features`, :func:`compute_metrics`;
-* :mod:`.images`: input checks and :func:`paired_metrics`.
+* :mod:`.images`: input checks and :func:`paired_metrics`;
+* :mod:`.registry`: ``METRICS``, every metric family with its direction and interval keys;
+* :mod:`.bootstrap`: bootstrap intervals over images and the paired significance test;
+* :mod:`.fidelity`: fidelity to FP (``paired/ssim``, ``paired/lpips/*``, ``fid_fp``, ``kid_fp``) and intervals;
+* :mod:`.floor`: the sampling floor of N real test images.
 """
 
 from harness.metrics.errors import MetricSetupError
@@ -57,6 +61,7 @@ from harness.metrics.reference import (
     reference_stats,
     resolve_reference,
 )
+from harness.metrics.registry import METRICS, MetricInfo, direction, interval_keys
 from harness.metrics.score import (
     CIFARNET_FEATURES,
     CLEANFID_CIFARNET,
@@ -80,7 +85,9 @@ __all__ = [
     "INCEPTION_SHA256",
     "INCEPTION_URL",
     "LAYERS",
+    "METRICS",
     "SFID_CHANNELS",
+    "MetricInfo",
     "MetricSetupError",
     "RefStats",
     "Reference",
@@ -92,6 +99,7 @@ __all__ = [
     "compute_metrics",
     "compute_reference_stats",
     "default_cache_dir",
+    "direction",
     "extract_features",
     "extractor_weights_sha256",
     "feature_statistics",
@@ -101,6 +109,7 @@ __all__ = [
     "hub_inception_path",
     "import_stats",
     "inception_weights_info",
+    "interval_keys",
     "list_entries",
     "load_inception_state_dict",
     "metrics_from_features",
