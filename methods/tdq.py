@@ -1,4 +1,6 @@
-"""``tdq``: Temporal Dynamic Quantization (So et al., NeurIPS 2023), PTQ form.
+"""``tdq``: **TDQ-style PTQ (our recipe)**, built on the idea of Temporal Dynamic Quantization (So et al.,
+NeurIPS 2023). The authors released no code; this is not a reproduction. Label results
+"TDQ-style PTQ (our recipe)" (docs/methods/tdq.md).
 
 What follows the paper's description (secondary summaries, ``docs/methods/tdq.md``;
 the paper PDF and an official release were not verified):
