@@ -12,6 +12,7 @@ import torch
 from tqdm import tqdm
 
 from harness.calibration import eval_seeds, initial_noise_and_cond
+from harness.finite import assert_finite_images
 from harness.sampling import SAMPLERS, Schedule, make_timesteps, to_uint8
 from harness.shards import ShardStore
 from models.denoiser import Denoiser
@@ -36,6 +37,7 @@ def sample_images(
                             cond=cond.to(device) if cond is not None else None)
     if model.decode is not None:
         out = model.decode(out)
+    assert_finite_images(out, f"samples of seeds {seeds[0]}..{seeds[-1]}")  # uint8 would hide a NaN
     return to_uint8(out)
 
 

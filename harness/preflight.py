@@ -42,6 +42,7 @@ class PreflightOptions:
     tracking_uri: str | None = None  # None: sqlite:///OUT/mlflow.db
     executor: str = "local"
     batch_size: int = 64
+    inception_weights: str | None = None
 
 
 # ------------------------------------------------------------------------------------------ checks
@@ -150,8 +151,36 @@ def check_free_space(specs: list[RunSpec], options: PreflightOptions) -> None:
                              "--out, or lower --num-samples")
 
 
+def check_metrics(specs: list[RunSpec], options: PreflightOptions) -> None:
+    """Each run's feature networks take its images, their weights load, its reference statistics exist."""
+    for problem in metric_problems(specs, options.inception_weights):
+        raise PreflightError(problem)
+
+
+def metric_problems(specs: list[RunSpec], inception_weights: str | None) -> list[str]:
+    """One line per (model, extractor, reference) a run could not be scored with; no features are computed.
+
+    Also called by a worker before it samples (the same checks on the machine that scores)."""
+    from harness.metrics import MetricSetupError, check_extractor, check_reference
+
+    problems, seen = [], set()
+    for spec in specs:
+        nets = [spec.extractor] + (["inception"] if inception_weights and spec.extractor != "inception" else [])
+        for net in nets:
+            key = (net, spec.reference, resolution(spec), spec.model)
+            if key in seen:
+                continue
+            seen.add(key)
+            try:
+                check_extractor(net, inception_weights, resolution(spec))
+                check_reference(spec.reference or "cifar10-test", net, inception_weights)
+            except MetricSetupError as e:
+                problems.append(f"{spec.model}: {e}")
+    return problems
+
+
 CHECKS: list[Callable[[list[RunSpec], PreflightOptions], None]] = [
-    check_counts, check_device, check_tracking_uri, check_out_dir, check_free_space,
+    check_counts, check_device, check_tracking_uri, check_out_dir, check_free_space, check_metrics,
 ]
 
 

@@ -56,6 +56,7 @@ class RunSpec:
     sampler: str
     extractor: str
     model_path: str | None = None
+    reference: str | None = None  # reference statistics the metrics compare with (name or .npz path)
     method_config: dict = field(default_factory=dict, hash=False, compare=False)
     version: int = SPEC_VERSION
 
@@ -144,9 +145,11 @@ def expand(
     num_samples: int | None = None,
     steps: int | None = None,
     model_path: str | None = None,
+    reference: str | None = None,
 ) -> list[RunSpec]:
     """Expand a sweep into run specs; raise :class:`SpecError` before anything runs on bad input.
 
+    ``reference`` (a reference-statistics name or ``.npz`` path) overrides each model's own.
     The FP reference of every (model, seed) is always included and comes first, since
     the paired metrics of every quantized run compare against its samples. Repeated entries
     (``--bits w8a8,w8a8``, ``--seeds 0,0``) are one run: the list has no two specs with one hash.
@@ -180,7 +183,8 @@ def expand(
         for seed in seeds:
             common = dict(model=model.name, seed=seed, protocol=protocol, preset=preset or proto.preset,
                           num_samples=n, steps=s, spacing=model.spacing, eta=model.eta, sampler=model.sampler,
-                          extractor=model.extractor, model_path=model.location if model.source == "local" else None)
+                          extractor=model.extractor, model_path=model.location if model.source == "local" else None,
+                          reference=reference or model.reference)
             fp = RunSpec(method="fp", bits=FP_BITS, scope="uniform", **common)
             specs.append(fp)
             for name in method_names:

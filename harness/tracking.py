@@ -294,6 +294,8 @@ class Tracker:
         art = Path(run_dir) / "artifacts"
         if art.is_dir():
             self.client.log_artifacts(run_id, str(art), "artifacts")
+        for net, ref in (results.get("reference") or {}).items():  # which statistics the metrics compare with
+            self.client.set_tag(run_id, f"reference/{net}", f"{ref.get('name')}@{str(ref.get('sha256'))[:16]}")
         if results["status"] == "failed":
             self.client.set_tag(run_id, "error", str(results.get("error", ""))[:4000])
         self.client.set_tag(run_id, "mirrored_status", results["status"])
