@@ -171,8 +171,12 @@ def load_floor(path: Path = FLOOR_FILE) -> dict:
 
 
 def _num_samples(runs: list[Run], model: str, protocol: str) -> int | None:
-    ns = {int(r.spec.get("num_samples", 0)) for r in runs
-          if r.spec["model"] == model and r.spec["protocol"] == protocol}
+    """The runs' one sample count, or ``None`` (no floor row) when they differ or score against a reference
+    other than the floor's ``cifar10-test``."""
+    mine = [r for r in runs if r.spec["model"] == model and r.spec["protocol"] == protocol]
+    if any(r.spec.get("reference") not in (None, "cifar10-test") for r in mine):
+        return None
+    ns = {int(r.spec.get("num_samples", 0)) for r in mine}
     return ns.pop() if len(ns) == 1 else None
 
 
