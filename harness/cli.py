@@ -75,6 +75,8 @@ def main() -> None:
 @click.option("--batch-size", type=int, default=64, show_default=True, help="does not change the samples")
 @click.option("--tracking-uri", default=None, help="MLflow tracking URI (default: sqlite:///OUT/mlflow.db)")
 @click.option("--inception-weights", type=click.Path(), default=None, help="torch-fidelity Inception weights file")
+@click.option("--reference", default=None,
+              help="reference statistics to score against: a name (bench ref ls) or a .npz [default: the model's]")
 @click.option("--lpips-weights", type=click.Path(), default=None,
               help="local LPIPS state dict (backbone + linear layers): adds paired/lpips/<backbone>")
 @click.option("--executor", type=click.Choice(["local", "gpus", "slurm"]), default="local", show_default=True,
@@ -85,12 +87,12 @@ def main() -> None:
 @click.option("--slurm-parallelism", type=int, default=16, show_default=True, help="slurm: array jobs at once")
 def run(methods_, models, bits, seeds, protocol, preset, scope, num_samples, steps, model_path, out, device,
         batch_size, tracking_uri, inception_weights, executor, slurm_partition, slurm_time, slurm_gpus,
-        slurm_parallelism, lpips_weights=None) -> None:
+        slurm_parallelism, lpips_weights=None, reference=None) -> None:
     """Run every method x model x bit-width under one protocol; resume what is done."""
     try:
         _run(methods_, models, bits, seeds, protocol, preset, scope, num_samples, steps, model_path, out, device,
              batch_size, tracking_uri, inception_weights, executor, slurm_partition, slurm_time, slurm_gpus,
-             slurm_parallelism, lpips_weights)
+             slurm_parallelism, lpips_weights, reference)
     except KeyboardInterrupt:
         _fail("interrupted: complete runs and sample shards are kept; rerun the same command to resume",
               EXIT_INTERRUPTED)
@@ -98,7 +100,7 @@ def run(methods_, models, bits, seeds, protocol, preset, scope, num_samples, ste
 
 def _run(methods_, models, bits, seeds, protocol, preset, scope, num_samples, steps, model_path, out, device,
          batch_size, tracking_uri, inception_weights, executor, slurm_partition, slurm_time, slurm_gpus,
-         slurm_parallelism, lpips_weights=None) -> None:
+         slurm_parallelism, lpips_weights=None, reference=None) -> None:
     from harness.preflight import PreflightError, PreflightOptions, parse_device, preflight
     from harness.runner import RunOptions
     from harness.spec import SpecError, expand
@@ -124,7 +126,8 @@ def _run(methods_, models, bits, seeds, protocol, preset, scope, num_samples, st
         raise BadInput(f"--model-path {model_path} is not a diffusers pipeline directory "
                        "(no model_index.json or unet/): save one with pipeline.save_pretrained(DIR)")
     try:
-        specs = expand(methods_, models, bits, seed_list, protocol, preset, scope, num_samples, steps, model_path)
+        specs = expand(methods_, models, bits, seed_list, protocol, preset, scope, num_samples, steps, model_path,
+                       reference)
     except SpecError as e:
         raise BadInput(str(e)) from None
     if inception_weights:
@@ -144,7 +147,7 @@ def _run(methods_, models, bits, seeds, protocol, preset, scope, num_samples, st
     out_dir = Path(out)
     try:
         preflight(specs, PreflightOptions(out=out_dir, device=device, tracking_uri=tracking_uri, executor=executor,
-                                          batch_size=batch_size))
+                                          batch_size=batch_size, inception_weights=inception_weights))
     except PreflightError as e:
         raise BadInput(str(e)) from None
     from harness.executors import make_executor

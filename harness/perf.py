@@ -152,21 +152,28 @@ def metric_throughput(device: str, n: int, batch_size: int) -> dict[str, float]:
 
 
 def run_perf(cfg: PerfConfig, echo: Callable[[str], None] = print) -> pd.DataFrame:
-    """The sampling-mode table (see the module docstring)."""
-    import methods
-    from harness.calibration import TrajectoryBank
-    from harness.generate import make_schedule
-    from methods.base import BitConfig
+    """The sampling-mode table (see the module docstring).
+
+    Models, schedules, calibration banks and method configs come from the run pipeline's own stages
+    (:func:`harness.spec.expand`, :func:`harness.runner.load_stage`, :func:`harness.runner.method_for`),
+    so what is timed here is what a ``bench run`` of the same sweep quantizes and samples.
+    """
+    from harness.runner import RunOptions, load_stage, method_for
+    from harness.spec import expand
     from methods.quant.fast import fast_denoiser
-    from methods.quant.surgery import UNIFORM
-    from models.loading import load_model
-    from models.registry import get_model, local_model
 
     device = resolve_device(cfg.device)
-    spec = local_model(cfg.model_path) if cfg.model_path and cfg.model == "local" else get_model(cfg.model)
-    model = load_model(spec, cfg.model_path, device)
-    schedule = make_schedule(model, cfg.steps, spec.spacing)
-    sampler, eta = spec.sampler, spec.eta
+    rows: list[dict] = []
+    tmp = tempfile.TemporaryDirectory(prefix="dmqbench-perf-")
+    cache = cfg.cache_dir or tmp.name
+    names = _method_names(cfg.methods)
+    model_text = None if cfg.model == "local" else cfg.model
+    sweeps = {preset: expand(",".join(names) or "fp", model_text, ",".join(cfg.bits), [0], "smoke", preset, "uniform",
+                             None, cfg.steps, cfg.model_path) for preset in cfg.presets}
+    fp_spec = sweeps[cfg.presets[0]][0]
+    model, schedule, bank = load_stage(fp_spec, RunOptions(out=Path(cache), device=device,
+                                                           batch_size=cfg.batch_size))
+    spec_name, sampler, eta = fp_spec.model, fp_spec.sampler, fp_spec.eta
     dtype, compile_ = _fast_options(cfg, device)
     rows: list[dict] = []
     tmp = tempfile.TemporaryDirectory(prefix="dmqbench-perf-")
@@ -207,36 +214,30 @@ def run_perf(cfg: PerfConfig, echo: Callable[[str], None] = print) -> pd.DataFra
         if device.startswith("cuda"):
             torch.cuda.empty_cache()
 
-    echo(f"bench perf: {spec.name} on {device} ({device_name(device)}), batch {cfg.batch_size}, "
+    echo(f"bench perf: {spec_name} on {device} ({device_name(device)}), batch {cfg.batch_size}, "
          f"{cfg.steps} {sampler} steps, fast mode {dtype}{' + torch.compile' if compile_ else ''}")
     try:
         sample_rows("fp", "fp", "", model.denoiser)
-        bank = TrajectoryBank(model, schedule, sampler, eta, cache, device, cfg.batch_size,
-                              model_key=f"perf:{spec.name}:{cfg.model_path}")
-        names = _method_names(cfg.methods)
-        for preset in cfg.presets:
-            need = max([getattr(methods.get(n).config_cls.from_preset(preset), "calib_images", 0) for n in names]
-                       or [0])
+        for preset, specs in sweeps.items():
+            quantized = [sp for sp in specs if sp.method != "fp"]
+            need = max([sp.method_config.get("calib_images", 0) for sp in quantized] or [0])
             if need:
                 t0 = time.perf_counter()
                 bank.trajectories(need)
                 add(kind="trajectory-bank", method="fp", bits="fp", preset=preset, mode=f"{need} images",
                     seconds=time.perf_counter() - t0)
-            for name in names:
-                cls = methods.get(name)
-                for bits in cfg.bits:
-                    method = cls(cls.config_cls.from_preset(preset))
-                    art = Path(cache) / "artifacts" / f"{name}-{bits}-{preset}"
-                    art.mkdir(parents=True, exist_ok=True)
-                    _sync(device)
-                    t0 = time.perf_counter()
-                    result = method.quantize(copy.deepcopy(model.denoiser), bank, BitConfig.parse(bits), UNIFORM, art)
-                    _sync(device)
-                    add(kind="calibration", method=name, bits=bits, preset=preset, mode="wall",
-                        seconds=time.perf_counter() - t0)
-                    if preset == cfg.presets[0]:  # sampling speed depends on the quantizers, not the preset
-                        sample_rows(name, bits, preset, result.denoiser)
-                    del result
+            for sp in quantized:
+                method, scope, bits = method_for(sp)
+                art = Path(cache) / "artifacts" / f"{sp.method}-{sp.bits}-{preset}"
+                _sync(device)
+                t0 = time.perf_counter()
+                result = method.quantize(copy.deepcopy(model.denoiser), bank, bits, scope, art)
+                _sync(device)
+                add(kind="calibration", method=sp.method, bits=sp.bits, preset=preset, mode="wall",
+                    seconds=time.perf_counter() - t0)
+                if preset == cfg.presets[0]:  # sampling speed depends on the quantizers, not the preset
+                    sample_rows(sp.method, sp.bits, preset, result.denoiser)
+                del result
         if cfg.metric_images > 0:
             try:
                 add(kind="metric-features", method="cifarnet", bits="", preset="", mode="extract",

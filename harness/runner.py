@@ -23,6 +23,7 @@ import torch
 import methods
 from harness.calibration import CALIB_SEED_BASE, EVAL_SEED_STRIDE, TrajectoryBank, eval_seeds
 from harness.generate import generate_samples, make_schedule
+from harness.metrics.errors import MetricSetupError
 from harness.shards import ShardStore
 from harness.spec import RunSpec
 from harness.tracking import git_revision, read_results, versions, write_json_atomic
@@ -163,8 +164,10 @@ def score(spec: RunSpec, opts: RunOptions, model, schedule, denoiser, images: np
         features = sample_features(images, spec.extractor, opts.device, opts.inception_weights)
     rdir = run_dir(spec, opts.out)
     save_features(rdir, features)  # kept: the FP comparison (fid_fp) and later fill-ins need no re-extraction
-    metrics = metrics_from_features(features, device=opts.device, inception_weights=opts.inception_weights)
-    intervals, replicates = data_intervals(features, metrics, inception_weights=opts.inception_weights)
+    metrics = metrics_from_features(features, reference=spec.reference, device=opts.device,
+                                    inception_weights=opts.inception_weights)
+    intervals, replicates = data_intervals(features, metrics, reference=spec.reference,
+                                           inception_weights=opts.inception_weights)
     metrics.update(intervals)
     save_replicates(rdir, replicates)
     metrics.update(paired_to_reference(spec, images, opts.out, features, opts))  # {} while FP is still sampling
@@ -174,6 +177,15 @@ def score(spec: RunSpec, opts: RunOptions, model, schedule, denoiser, images: np
     assert eval_seeds(spec.seed, 0, 1)[0] == probe_seed_base  # the probe images are the first eval images
     metrics["paired/eps_mse"] = eps_mse(denoiser, probe, opts.device)
     return metrics
+
+
+def reference_record(spec: RunSpec, opts: RunOptions) -> dict:
+    """Name, sha256 and provenance of the reference statistics each of the run's networks scores against."""
+    from harness.metrics import resolve_reference
+
+    nets = [spec.extractor] + (["inception"] if opts.inception_weights and spec.extractor != "inception" else [])
+    return {net: resolve_reference(spec.reference or "cifar10-test", net, opts.inception_weights).describe()
+            for net in nets}
 
 
 def record_failure(results: dict, error: BaseException) -> None:
@@ -192,11 +204,39 @@ def load_stage(spec: RunSpec, opts: RunOptions):
 
 
 def _prepare(spec: RunSpec, opts: RunOptions, rdir: Path):
-    """Load the model and its schedule, and quantize it (or reload the quantized state)."""
+    """Check that the run can be scored, load the model and its schedule, quantize it (or reload the
+    quantized state), and check its first denoiser call on the run's own first images is finite."""
+    from harness.preflight import metric_problems
+
+    problems = metric_problems([spec], opts.inception_weights)  # the driver checked too; this is the scorer
+    if problems:
+        raise MetricSetupError(problems[0])
     t = time.perf_counter()
     model, schedule, bank = load_stage(spec, opts)
     denoiser, facts = _quantize(spec, model, bank, rdir)
+    check_first_call(spec, model, schedule, denoiser, opts.device)
     return model, schedule, bank, denoiser, facts, time.perf_counter() - t
+
+
+@torch.no_grad()
+def check_first_call(spec: RunSpec, model, schedule, denoiser, device) -> None:
+    """The first sampler step on the run's first images, under hooks: a NaN/Inf output fails the run,
+    naming the first layer that produced it, before any sample is drawn."""
+    from harness.calibration import initial_noise_and_cond
+    from harness.finite import check_finite_output
+    from methods.envelope import module_of
+    from methods.quant.timestep import timestep_context
+
+    x, cond, _ = initial_noise_and_cond(model, eval_seeds(spec.seed, 0, min(PROBE_IMAGES, spec.num_samples)))
+    t0 = int(schedule.timesteps[0])
+    t = torch.full((x.shape[0],), t0, dtype=torch.long, device=device)
+    c = cond.to(device) if cond is not None else None
+
+    def call():
+        with timestep_context(0, t0, schedule.num_steps):
+            return denoiser(x.to(device), t, c)
+
+    check_finite_output(call, module_of(denoiser), f"{spec.model} {spec.method} {spec.bits}")
 
 
 def run_one(spec: RunSpec, opts: RunOptions, rank: int = 0, world: int = 1) -> dict | None:
@@ -259,6 +299,7 @@ def run_one(spec: RunSpec, opts: RunOptions, rank: int = 0, world: int = 1) -> d
         if prepared is not None:
             model, schedule, bank, denoiser, facts, prepare_seconds = prepared
             results["facts"] = dict(facts)
+            results["reference"] = reference_record(spec, opts)
             results["model_fingerprint"] = bank.fingerprint  # sha256 of the FP weights this run quantized
             results["timings"]["calib_seconds"] = float(facts.get("calib_seconds", prepare_seconds))
         if error is not None:

@@ -13,7 +13,7 @@ from methods.base import BitConfig, MethodConfig, QuantMethod
 from methods.quant.layers import QuantLayer
 from methods.quant.surgery import UNIFORM, Scope, quantize_modules
 from methods.quant.timestep import current_step, require_step, timestep_context
-from methods.registry import UnknownMethodError, register_method
+from methods.registry import METHODS, UnknownMethodError, register_method
 from models.loading import load_model
 from models.registry import get_model
 
@@ -75,7 +75,11 @@ def test_register_third_party_method_and_config_json():
         def quantize(self, denoiser, calib, bits, scope, artifact_dir):
             raise NotImplementedError
 
-    assert methods.get("test-plugin") is MyMethod
+    try:
+        assert methods.get("test-plugin") is MyMethod and MyMethod.name == "test-plugin"
+    finally:
+        METHODS.unregister("test-plugin")
+    assert "test-plugin" not in methods.names()
     cfg = MyConfig(knob=5)
     assert MyConfig.from_dict(cfg.to_dict()) == cfg and cfg.to_dict()["version"] == 2
     with pytest.raises(ValueError, match="version 1"):

@@ -19,8 +19,6 @@ def test_run_perf_table_on_cpu(tmp_path):
     assert set(sampling["method"]) == {"fp", "rtn"}
     assert set(sampling["mode"]) == {"eager", "fast-fp32"}
     assert (sampling["images_per_s"] > 0).all()
-    fp = sampling[sampling["method"] == "fp"]
-    assert (fp["time_ratio_vs_fp"] == 1.0).all()
     assert math.isnan(sampling["peak_mem_mib"].iloc[0])  # CPU: no GPU memory figure
     calib = df[df["kind"] == "calibration"]
     assert len(calib) == 1 and calib["seconds"].iloc[0] > 0
