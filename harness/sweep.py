@@ -179,7 +179,7 @@ def _drive(specs: list[RunSpec], opts: RunOptions, executor: Executor, trackers:
     for spec in specs:
         if trusted_complete(spec, opts.out):
             outcome.skipped.append(spec.run_name)
-            add_paired_metrics(spec, opts.out)  # in case the driver died before filling them in
+            add_paired_metrics(spec, opts.out, opts)  # in case the driver died before filling them in
             trackers[spec.protocol].mirror(run_dir(spec, opts.out), read_results(run_dir(spec, opts.out)))
         else:
             todo.append(spec)
@@ -192,14 +192,14 @@ def _drive(specs: list[RunSpec], opts: RunOptions, executor: Executor, trackers:
             fp_pending.discard(spec.config_hash)
             mirror(spec)
             for dep in waiting.pop(spec.config_hash, []):
-                add_paired_metrics(dep, opts.out)
+                add_paired_metrics(dep, opts.out, opts)
                 mirror(dep)
             return
         ref = spec.fp_reference().config_hash
         if ref in fp_pending and needs_paired(spec, opts.out):
             waiting.setdefault(ref, []).append(spec)  # mirrored once its FP reference is done
             return
-        add_paired_metrics(spec, opts.out)
+        add_paired_metrics(spec, opts.out, opts)
         mirror(spec)
 
     todo.sort(key=lambda s: s.method != "fp")  # FP first: sequential executors then need no fill-in

@@ -86,12 +86,6 @@ def default_factory(name: str, module: nn.Module, w_bits: int, a_bits: int) -> n
     return QuantLayer(module, w_bits, a_bits)
 
 
-def _set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = root.get_submodule(parent_name) if parent_name else root
-    setattr(parent, child, new)
-
-
 def quantize_modules(
     model: nn.Module, scope: Scope, w_bits: int, a_bits: int, factory: LayerFactory = default_factory
 ) -> QuantSummary:
@@ -106,7 +100,13 @@ def quantize_modules(
         if wb >= OFF_BITS and ab >= OFF_BITS:
             summary.fp_layers.append(name)
             continue
-        _set_submodule(model, name, factory(name, module, wb, ab))
+        new = factory(name, module, wb, ab)
+        if new is module:  # the method keeps this layer in full precision (e.g. PTQ4DM's attention projections)
+            summary.fp_layers.append(name)
+            continue
+        model.set_submodule(name, new)
+        # what the built layer does, not what was asked (an output quantizer may leave the model output FP)
+        wb, ab = getattr(new, "w_bits", wb), getattr(new, "a_bits", ab)
         summary.layers[name] = f"w{wb if wb < OFF_BITS else 'fp'}a{ab if ab < OFF_BITS else 'fp'}"
     return summary
 
