@@ -128,6 +128,7 @@ class TrajectoryBank:
         model_key: str = "",
     ) -> None:
         self.model = model
+        self.model_name = model.spec.name
         self.denoiser = model.denoiser
         self.schedule = schedule
         self.timesteps = list(schedule.timesteps)
@@ -138,8 +139,10 @@ class TrajectoryBank:
         self.seed_base = seed_base
         # The weights' fingerprint is part of the key: a re-trained model never reuses stale trajectories.
         self.fingerprint = weights_fingerprint(model.denoiser.unet)
-        key = json.dumps([model_key or model.spec.name, self.fingerprint, sampler, self.timesteps, eta, seed_base],
-                         default=str)
+        key = [model_key or model.spec.name, self.fingerprint, sampler, self.timesteps, eta, seed_base]
+        if not schedule.clip_sample:  # (appended only when off, so existing caches of clipped runs stay valid)
+            key.append("no-clip")
+        key = json.dumps(key, default=str)
         self.path = Path(cache_dir) / f"traj-{hashlib.sha256(key.encode()).hexdigest()[:16]}.safetensors"
 
     def _record(self, seeds: list[int]) -> Trajectories:

@@ -87,6 +87,7 @@ class CalibrationSource(Protocol):
     """What the harness hands a method for calibration (implemented in harness/calibration.py)."""
 
     denoiser: Denoiser  # full precision, never modified by a method
+    model_name: str  # the model spec's name (a method may resolve per-family settings from it)
     timesteps: list[int]  # the sampler's schedule, descending
     alphas_cumprod: torch.Tensor  # training schedule, for re-noising losses
     device: torch.device
@@ -175,7 +176,8 @@ class QuantMethod:
         """The quantized replacement of one conv/linear (the inference structure)."""
         return QuantLayer(module, w_bits, a_bits)
 
-    def extend(self, denoiser: Denoiser, bits: BitConfig, scope: Scope, summary: QuantSummary) -> Denoiser:
+    def extend(self, denoiser: Denoiser, bits: BitConfig, scope: Scope, summary: QuantSummary,
+               structure: dict[str, Any]) -> Denoiser:
         """Quantizers that are not layers, or a wrapper around the denoiser; default: none."""
         return denoiser
 

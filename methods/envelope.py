@@ -53,7 +53,7 @@ def build(method: QuantMethod, denoiser: Denoiser, bits: BitConfig, scope: Scope
     with torch.random.fork_rng(devices=[]):
         summary = quantize_modules(denoiser.unet, scope, bits.w, bits.a,
                                    lambda name, m, wb, ab: method.layer(name, m, wb, ab, structure))
-        denoiser = method.extend(denoiser, bits, scope, summary)
+        denoiser = method.extend(denoiser, bits, scope, summary, structure)
     return denoiser, summary
 
 

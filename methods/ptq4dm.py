@@ -164,7 +164,7 @@ class PTQ4DM(QuantMethod):
         a = OFF_BITS if name == LAST_LAYER else a_bits
         return OutputQuantLayer(module, w_bits, a, w_symmetric=sym, w_channelwise=True, a_symmetric=sym)
 
-    def extend(self, denoiser: Denoiser, bits: BitConfig, scope: Scope, summary) -> Denoiser:
+    def extend(self, denoiser: Denoiser, bits: BitConfig, scope: Scope, summary, structure) -> Denoiser:
         if self.config.attention_matmuls and scope.attention_matmuls and bits.a < OFF_BITS:
             quantize_attention(denoiser.unet, bits.a, bits.a, symmetric=self.config.grid == "signed")
             summary.extra.update(attention_summary(denoiser.unet))

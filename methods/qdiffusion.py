@@ -142,35 +142,25 @@ class QDiffusionConfig(MethodConfig):
 @register_method("qdiffusion")
 class QDiffusion(QuantMethod):
     config_cls = QDiffusionConfig
-    _settings: dict | None = None  # resolved in structure() (first run) or read back in layer() (reload)
 
     def paper_scope(self) -> Scope:
         """Every conv and linear, first and last included at the run's bits, attention matmuls quantized."""
         return replace(UNIFORM, name="paper", first_last_bits=None, attention_matmuls=True)
 
-    def _family(self, calib: CalibrationSource | None) -> str:
-        if self.config.family != "auto":
-            return self.config.family
-        spec = getattr(getattr(calib, "model", None), "spec", None)
-        return model_family(getattr(spec, "name", ""))
+    def settings(self, calib: CalibrationSource) -> dict:
+        """The configuration resolved for the calibrated model's family (saved in the structure)."""
+        family = self.config.family if self.config.family != "auto" else model_family(calib.model_name)
+        return {"family": family, **self.config.settings(family)}
 
-    def settings(self, calib: CalibrationSource | None = None) -> dict:
-        if self._settings is None:
-            family = self._family(calib)
-            self._settings = {"family": family, **self.config.settings(family)}
-        return self._settings
-
-    def _samples(self, calib: CalibrationSource):
-        st = self.settings(calib)
+    def _samples(self, calib: CalibrationSource, st: dict):
         traj = calib.trajectories(st["calib_images"])
         return traj.at_steps(uniform_steps(traj.num_steps, st["calib_steps"])), traj.num_steps
 
     def structure(self, denoiser: Denoiser, calib: CalibrationSource) -> dict:
-        self._settings = None
         st = self.settings(calib)
         if not st["split"]:
             return {"splits": {}, "settings": st}
-        samples, _ = self._samples(calib)
+        samples, _ = self._samples(calib, st)
         device = calib.device
         cond0 = samples["cond"][:1].to(device) if samples.get("cond") is not None else None
         splits = find_denoiser_splits(denoiser, samples["x"][:1].to(device), samples["t"][:1].to(device), cond0)
@@ -179,15 +169,13 @@ class QDiffusion(QuantMethod):
         return {"splits": splits, "settings": st}
 
     def layer(self, name, module, w_bits, a_bits, structure):
-        if "settings" in structure:
-            self._settings = structure["settings"]
         return QuantLayer(module, w_bits, a_bits, w_symmetric=False, w_channelwise=True,
-                          a_symmetric=self.settings()["a_symmetric"], split=structure["splits"].get(name, 0))
+                          a_symmetric=structure["settings"]["a_symmetric"], split=structure["splits"].get(name, 0))
 
-    def extend(self, denoiser: Denoiser, bits: BitConfig, scope: Scope, summary) -> Denoiser:
+    def extend(self, denoiser: Denoiser, bits: BitConfig, scope: Scope, summary, structure) -> Denoiser:
         cfg: QDiffusionConfig = self.config
         if cfg.quant_attention and scope.attention_matmuls and bits.a < OFF_BITS:
-            st = self.settings()
+            st = structure["settings"]
             quantize_attention(denoiser.unet, bits.a, st["softmax_bits"], st["a_symmetric"],
                                softmax_symmetric=st["a_symmetric"])
             summary.extra.update(attention_summary(denoiser.unet))
@@ -197,7 +185,7 @@ class QDiffusion(QuantMethod):
         cfg: QDiffusionConfig = self.config
         st = self.settings(calib)
         device = calib.device
-        samples, num_steps = self._samples(calib)
+        samples, num_steps = self._samples(calib, st)
         unet = denoiser.unet
         layers = quant_layers(unet)
         for layer in layers.values():

@@ -54,7 +54,7 @@ class GainDenoiser(nn.Module):
 class WrapMethod(QuantMethod):
     """Min-max quantizers everywhere, then a wrapper whose gain is fitted on calibration data."""
 
-    def extend(self, denoiser, bits, scope, summary):
+    def extend(self, denoiser, bits, scope, summary, structure):
         return GainDenoiser(denoiser)
 
     def calibrate(self, denoiser, calib, bits, artifact_dir):
@@ -156,7 +156,7 @@ def test_reload_rebuilds_the_wrapper_and_a_dropped_wrapper_would_show(tiny, tmp_
 class ForgetfulMethod(WrapMethod):
     """Leaves a training-time quantizer class in the tree: a reload could not rebuild it."""
 
-    def extend(self, denoiser, bits, scope, summary):
+    def extend(self, denoiser, bits, scope, summary, structure):
         return denoiser
 
     def calibrate(self, denoiser, calib, bits, artifact_dir):
@@ -166,7 +166,7 @@ class ForgetfulMethod(WrapMethod):
 
 
 class NaNMethod(WrapMethod):
-    def extend(self, denoiser, bits, scope, summary):
+    def extend(self, denoiser, bits, scope, summary, structure):
         return denoiser
 
     def calibrate(self, denoiser, calib, bits, artifact_dir):
