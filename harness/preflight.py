@@ -5,7 +5,7 @@ raises :class:`PreflightError`, whose message is one line naming the problem and
 fixes it (``bench run`` prints it and exits 2). The checks only read: they create no directory,
 no database and no probe file.
 
-To add a check (models, extractors, reference statistics...), write ``check_x(specs, options)``
+To add a check (models, extractors, reference statistics, captions...), write ``check_x(specs, options)``
 that raises :class:`PreflightError` and append it to :data:`CHECKS`.
 """
 
@@ -43,6 +43,7 @@ class PreflightOptions:
     executor: str = "local"
     batch_size: int = 64
     inception_weights: str | None = None
+    clip_model: str | None = None  # --clip-model DIR: clip_score/<DIR name> for text-to-image runs
 
 
 # ------------------------------------------------------------------------------------------ checks
@@ -179,8 +180,63 @@ def metric_problems(specs: list[RunSpec], inception_weights: str | None) -> list
     return problems
 
 
+def check_captions(specs: list[RunSpec], options: PreflightOptions) -> None:
+    """Each text-to-image run's caption file exists, is UTF-8 text with at least one caption, and is the
+    file the spec recorded (same sha256)."""
+    for problem in caption_problems(specs):
+        raise PreflightError(problem)
+
+
+def caption_problems(specs: list[RunSpec]) -> list[str]:
+    """One line per caption file a run could not read; also called by a worker before it loads the model."""
+    from harness.spec import file_sha256
+
+    problems, seen = [], set()
+    for spec in specs:
+        if spec.captions is None or (spec.model, spec.captions) in seen:
+            continue
+        seen.add((spec.model, spec.captions))
+        p = Path(spec.captions)
+        fix = ("pass --captions FILE (one caption per line; image i uses line i mod N; the protocol's file is "
+               "described in docs/zoo.md)")
+        if not p.is_file():
+            problems.append(f"{spec.model}: caption file {p} not found: {fix}")
+            continue
+        try:
+            n = sum(1 for line in p.read_text(encoding="utf-8").splitlines() if line.strip())
+        except (OSError, UnicodeDecodeError) as e:
+            problems.append(f"{spec.model}: caption file {p} cannot be read as UTF-8 text ({type(e).__name__}): {fix}")
+            continue
+        if n == 0:
+            problems.append(f"{spec.model}: caption file {p} has no captions: {fix}")
+        elif spec.captions_sha256 and file_sha256(p) != spec.captions_sha256:
+            problems.append(f"{spec.model}: caption file {p} changed since the sweep was planned "
+                            f"(sha256 {spec.captions_sha256[:12]} expected): restore it, or rerun bench run "
+                            "with --captions FILE to plan runs for the new prompts")
+    return problems
+
+
+def check_clip_model(specs: list[RunSpec], options: PreflightOptions) -> None:
+    """``--clip-model DIR`` loads offline (config, weights file, tokenizer, image processor) and some planned
+    run is text-to-image."""
+    if not options.clip_model:
+        return
+    from harness.metrics import MetricSetupError
+    from harness.metrics.clip import check_clip_model as check_dir
+
+    if not any(is_text_run(s) for s in specs):
+        raise PreflightError(f"--clip-model {options.clip_model}: CLIP score compares text-to-image samples with "
+                             "their captions, and no planned model is text-conditional: drop --clip-model or "
+                             "add a text-to-image model (e.g. --models sd-v1-4)")
+    try:
+        check_dir(options.clip_model)
+    except MetricSetupError as e:
+        raise PreflightError(str(e)) from None
+
+
 CHECKS: list[Callable[[list[RunSpec], PreflightOptions], None]] = [
     check_counts, check_device, check_tracking_uri, check_out_dir, check_free_space, check_metrics,
+    check_captions, check_clip_model,
 ]
 
 
@@ -193,8 +249,41 @@ def preflight(specs: list[RunSpec], options: PreflightOptions) -> None:
 # ----------------------------------------------------------------------------------------- helpers
 
 
+def is_text_run(spec: RunSpec) -> bool:
+    """The run samples from captions (a text-conditional zoo entry, its miniature, or a local text pipeline)."""
+    from harness.spec import is_text_conditional
+    from models.registry import ZOO, at_path, local_model
+
+    if spec.captions is not None:
+        return True
+    if spec.model_path is None:
+        return spec.model in ZOO and ZOO[spec.model].conditioning == "text"
+    model = at_path(ZOO[spec.model], spec.model_path) if spec.model in ZOO else local_model(spec.model_path)
+    return is_text_conditional(model)
+
+
+def decoder_factor(pipeline_dir: str | Path) -> int:
+    """How many pixels a latent pipeline decodes per latent pixel (1 for a pixel-space pipeline).
+
+    Read from the autoencoder's config (``vae/`` or ``vqvae/``): diffusers' ``Encoder`` halves the
+    side once per down block but the last, so the factor is ``2 ** (len(block_out_channels) - 1)``
+    (KL-f8: 4 levels, 8; VQ-f4: 3 levels, 4). Raises ``OSError``/``ValueError`` on an unreadable config."""
+    import json
+
+    for sub in ("vae", "vqvae"):
+        cfg_path = Path(pipeline_dir) / sub / "config.json"
+        if cfg_path.is_file():
+            cfg = json.loads(cfg_path.read_text())
+            levels = cfg.get("block_out_channels") or cfg.get("down_block_types")
+            if not levels:
+                raise ValueError(f"{cfg_path} names neither block_out_channels nor down_block_types")
+            return 2 ** (len(levels) - 1)
+    return 1
+
+
 def resolution(spec: RunSpec) -> int:
-    """Side of the images a run writes (the zoo's value; a local pipeline's UNet ``sample_size``)."""
+    """Side of the images a run writes: the zoo's value, or for a local pipeline its UNet's ``sample_size``
+    times the autoencoder's down factor (:func:`decoder_factor`)."""
     from models.registry import ZOO
 
     if spec.model_path is None and spec.model in ZOO:
@@ -205,8 +294,7 @@ def resolution(spec: RunSpec) -> int:
         cfg = json.loads((Path(spec.model_path or "") / "unet" / "config.json").read_text())
         size = cfg.get("sample_size", 32)
         size = max(size) if isinstance(size, list | tuple) else int(size)
-        # a latent pipeline decodes to 8x its latent side
-        return size * 8 if (Path(spec.model_path or "") / "vae").is_dir() else size
+        return size * decoder_factor(spec.model_path or "")
     except (OSError, ValueError, TypeError):
         return int(ZOO[spec.model].resolution) if spec.model in ZOO else 256
 

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 
 import methods
 from methods.base import PRESETS, BitConfig
@@ -17,6 +19,8 @@ from methods.registry import UnknownMethodError
 from models.registry import ModelSpec, at_path, get_model, local_model
 
 SPEC_VERSION = 1
+OPTIONAL_FIELDS = ("captions", "captions_sha256")  # omitted from to_dict (and the hash) when None
+CAPTIONS_ENV = "DMQBENCH_CAPTIONS"  # models.latent.CAPTIONS_ENV: the caption file when --captions is not given
 FP_BITS = "fp"
 DEFAULT_BITS = ("w8a8", "w4a8")
 
@@ -59,9 +63,17 @@ class RunSpec:
     reference: str | None = None  # reference statistics the metrics compare with (name or .npz path)
     method_config: dict = field(default_factory=dict, hash=False, compare=False)
     version: int = SPEC_VERSION
+    # Text-conditional models only: the caption file (absolute path) and its sha256, so the hash
+    # names the prompts. Left out of to_dict (and the hash) when None: other specs keep their hash.
+    captions: str | None = None
+    captions_sha256: str | None = None
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        for key in OPTIONAL_FIELDS:
+            if d[key] is None:
+                del d[key]
+        return d
 
     @property
     def config_hash(self) -> str:
@@ -134,6 +146,51 @@ def resolve_bits(text: str) -> list[str]:
     return list(dict.fromkeys(bits))  # W8A8 and w8a8 are one bit-width
 
 
+def file_sha256(path: str | Path) -> str | None:
+    """sha256 of a file's bytes, or ``None`` when it cannot be read (the plan-time checks say why)."""
+    h = hashlib.sha256()
+    try:
+        with open(path, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+    except OSError:
+        return None
+    return h.hexdigest()
+
+
+def is_text_conditional(model: ModelSpec) -> bool:
+    """A text-to-image model: the zoo says so, or its local pipeline directory has a text encoder."""
+    if model.conditioning == "text":
+        return True
+    if model.source != "local" or not model.location:
+        return False
+    try:
+        return "text_encoder" in json.loads((Path(model.location) / "model_index.json").read_text())
+    except (OSError, ValueError, TypeError):
+        return False
+
+
+def resolve_captions(model: ModelSpec, captions: str | None) -> tuple[str | None, str | None]:
+    """``(path, sha256)`` of the caption file a text-conditional model samples from, else ``(None, None)``.
+
+    ``captions`` (``--captions FILE``), else ``$DMQBENCH_CAPTIONS``, else the protocol's default file
+    (``models.zoo.EXTRAS[name]["captions"]``, relative to the working directory). A miniature without
+    either uses its built-in prompts (``None``). A missing file keeps its path with no sha256; the
+    plan-time check (harness/preflight.py ``check_captions``) reports it.
+    """
+    if not is_text_conditional(model):
+        return None, None
+    path = captions or os.environ.get(CAPTIONS_ENV)
+    if not path and model.source != "miniature":
+        from models.zoo import EXTRAS
+
+        path = EXTRAS.get(model.name, {}).get("captions")
+    if not path:
+        return None, None
+    p = Path(path).expanduser().absolute()
+    return str(p), file_sha256(p) if p.is_file() else None
+
+
 def expand(
     method_text: str = "all",
     model_text: str | None = None,
@@ -146,10 +203,13 @@ def expand(
     steps: int | None = None,
     model_path: str | None = None,
     reference: str | None = None,
+    captions: str | None = None,
 ) -> list[RunSpec]:
     """Expand a sweep into run specs; raise :class:`SpecError` before anything runs on bad input.
 
     ``reference`` (a reference-statistics name or ``.npz`` path) overrides each model's own.
+    ``captions`` (a caption file, one per line) applies to text-conditional models only (see
+    :func:`resolve_captions`); their specs record its path and sha256.
     The FP reference of every (model, seed) is always included and comes first, since
     the paired metrics of every quantized run compare against its samples. Repeated entries
     (``--bits w8a8,w8a8``, ``--seeds 0,0``) are one run: the list has no two specs with one hash.
@@ -180,11 +240,13 @@ def expand(
         s = steps if steps is not None else proto.steps or model.steps
         if n < 1 or s < 1:
             raise SpecError(f"--num-samples and --steps must be positive (got {n}, {s})")
+        caption_path, caption_sha = resolve_captions(model, captions)
         for seed in seeds:
             common = dict(model=model.name, seed=seed, protocol=protocol, preset=preset or proto.preset,
                           num_samples=n, steps=s, spacing=model.spacing, eta=model.eta, sampler=model.sampler,
                           extractor=model.extractor, model_path=model.location if model.source == "local" else None,
-                          reference=reference or model.reference)
+                          reference=reference or model.reference, captions=caption_path,
+                          captions_sha256=caption_sha)
             fp = RunSpec(method="fp", bits=FP_BITS, scope="uniform", **common)
             specs.append(fp)
             for name in method_names:

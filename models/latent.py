@@ -119,13 +119,18 @@ def _hf_tokenize(tokenizer) -> Callable[[Sequence[str]], torch.Tensor]:
 
 
 def read_captions(path: str | Path) -> list[str]:
+    """The non-blank lines of a caption file (stripped), in order; a one-line :class:`ModelLoadError` if none."""
     p = Path(path)
     if not p.is_file():
-        raise ModelLoadError(f"caption file {p} not found: write one caption per line (e.g. 30k COCO val2014 "
-                             f"captions) and pass it with {CAPTIONS_ENV}=PATH")
-    captions = [line.strip() for line in p.read_text().splitlines() if line.strip()]
+        raise ModelLoadError(f"caption file {p} not found: write one caption per line (e.g. the 30k COCO val2014 "
+                             "captions, docs/zoo.md) and pass --captions FILE")
+    try:
+        captions = [line.strip() for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
+    except (OSError, UnicodeDecodeError) as e:
+        raise ModelLoadError(f"caption file {p} cannot be read as UTF-8 text ({type(e).__name__}): "
+                             "pass --captions FILE with one caption per line") from None
     if not captions:
-        raise ModelLoadError(f"caption file {p} has no captions")
+        raise ModelLoadError(f"caption file {p} has no captions: pass --captions FILE with one caption per line")
     return captions
 
 
@@ -296,8 +301,11 @@ def _scheduler(scheduler, spec: ModelSpec) -> DDPMScheduler:
 
 
 def load_latent_model(spec: ModelSpec, model_path: str | None = None,
-                      device: str | torch.device = "cpu") -> LoadedModel:
-    """``load_model`` for miniatures, latent pipelines and text-conditioned models."""
+                      device: str | torch.device = "cpu", captions: str | None = None) -> LoadedModel:
+    """``load_model`` for miniatures, latent pipelines and text-conditioned models.
+
+    A text-conditioned model's prompts come from ``captions`` (a file, one caption per line), else
+    ``$DMQBENCH_CAPTIONS``, else a miniature's built-in prompts, else the zoo's default file."""
     if spec.source == "miniature":
         unet, scheduler, components = build_miniature(spec)
         record = None
@@ -354,12 +362,13 @@ def load_latent_model(spec: ModelSpec, model_path: str | None = None,
         text_encoder, tokenizer = components.get("text_encoder"), components.get("tokenizer")
         if text_encoder is None or tokenizer is None:
             raise ModelLoadError(f"{spec.name}: a text-conditioned pipeline needs text_encoder and tokenizer")
-        captions = components.get("captions")
-        if os.environ.get(CAPTIONS_ENV) or captions is None:
-            captions = read_captions(os.environ.get(CAPTIONS_ENV) or extras.get("captions", "captions.txt"))
-        cond = TextConditioner(text_encoder, _hf_tokenize(tokenizer), captions, device)
+        path = captions or os.environ.get(CAPTIONS_ENV)
+        prompts = components.get("captions")  # a miniature's built-in prompts
+        if path or prompts is None:
+            prompts = read_captions(path or extras.get("captions", "captions.txt"))
+        cond = TextConditioner(text_encoder, _hf_tokenize(tokenizer), prompts, device)
         denoiser.uncond = cond.embed([""]).to(device)  # [1, L, D]
-        extra.update(cond_fn=cond, captions=captions)
+        extra.update(cond_fn=cond, captions=prompts)
 
     size = cfg.sample_size if isinstance(cfg.sample_size, int) else cfg.sample_size[0]
     return LoadedModel(spec, denoiser, scheduler, (cfg.in_channels, size, size), num_classes, decode, extra)

@@ -77,11 +77,16 @@ def _from_pipeline(location: str, spec: ModelSpec) -> tuple[torch.nn.Module, obj
     return pipe.unet, pipe.scheduler, components
 
 
-def load_model(spec: ModelSpec, model_path: str | None = None, device: str | torch.device = "cpu") -> LoadedModel:
+def load_model(spec: ModelSpec, model_path: str | None = None, device: str | torch.device = "cpu",
+               captions: str | None = None) -> LoadedModel:
+    """``spec`` (weights from ``model_path`` when given) on ``device``.
+
+    ``captions``: the caption file of a text-conditional model (one caption per line; image ``i``
+    uses line ``i mod N``); ignored by models without a text encoder."""
     from models import latent  # lazy: models.latent imports this module
 
     if latent.needs_latent_loader(spec, model_path):
-        return latent.load_latent_model(spec, model_path, device)
+        return latent.load_latent_model(spec, model_path, device, captions=captions)
     if spec.source == "random":
         torch.manual_seed(0)  # the miniature is the same network in every process
         unet = UNet2DModel(**spec.random_config)

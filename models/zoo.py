@@ -44,8 +44,9 @@ SD_SCHEDULER = dict(num_train_timesteps=1000, beta_schedule="scaled_linear", bet
 
 # Per-model protocol facts beyond ModelSpec's fields.
 #   latent_scale: z = scale * E(x); the decoder sees z / scale (VQ LDMs: 1.0, as LDMPipeline).
-#   captions: default caption file (one caption per line; image i uses line i mod N);
-#             override with DMQBENCH_CAPTIONS=path.
+#   captions: the protocol's caption file name (one caption per line; image i uses line i mod N), relative
+#             to the working directory; not shipped. `bench run --captions FILE` (or DMQBENCH_CAPTIONS=FILE)
+#             names another; the spec records the file's sha256 (docs/zoo.md).
 #   null_class: the class id of the unconditional embedding used for classifier-free guidance.
 #   scheduler: the training noise schedule (used for miniatures and when a directory has none).
 EXTRAS: dict[str, dict] = {

@@ -47,6 +47,7 @@ _BUILTIN = (
     MetricInfo("kid/*", False, "kernel (MMD²) distance to the reference set", FD_RESAMPLES),
     MetricInfo("kid_std/*", None, "spread of KID over subsets (no direction)"),
     MetricInfo("is/*", True, "Inception score of the samples", FD_RESAMPLES),
+    MetricInfo("clip_score/*", True, "CLIP score of each image with its caption, 100·max(cos, 0)", CHEAP_RESAMPLES),
     MetricInfo("fid_fp/*", False, "Fréchet distance to the FP run's samples (same seeds)", FD_RESAMPLES, "fidelity"),
     MetricInfo("kid_fp/*", False, "MMD² (unbiased, paired) to the FP run's samples", FD_RESAMPLES, "fidelity"),
     MetricInfo("paired/mse", False, "pixel MSE to the FP sample of the same seed", CHEAP_RESAMPLES, "fidelity"),
