@@ -18,10 +18,12 @@ import pandas as pd
 from harness.leaderboard import (
     LEGEND,
     PRIMARY,
+    TABLE,
     _bits_order,
     _cell,
     _method_order,
     _metric_order,
+    bits_key,
     build_summary,
     headlines,
 )
@@ -46,18 +48,6 @@ img.plot{max-width:100%;border:1px solid #eee}
 .note{color:#57606a;font-size:13px}
 """
 
-# Runs in Chromium: records what rendered, for the headless test (and harmless elsewhere).
-CHECK_JS = """
-window.addEventListener('load', function () {
-  var imgs = Array.prototype.slice.call(document.images);
-  var ok = imgs.filter(function (i) { return i.complete && i.naturalWidth > 0; }).length;
-  var el = document.getElementById('render-check');
-  el.setAttribute('data-images', String(imgs.length));
-  el.setAttribute('data-images-ok', String(ok));
-  el.setAttribute('data-tables', String(document.querySelectorAll('table.lb').length));
-  el.setAttribute('data-done', '1');
-});
-"""
 
 
 def _b64_png(data: bytes) -> str:
@@ -66,16 +56,6 @@ def _b64_png(data: bytes) -> str:
 
 def _lower_is_better(metric: str) -> bool:
     return direction(metric) == -1
-
-
-def _bits_key(b: str) -> tuple:
-    if b == "fp":
-        return (99, 99)
-    try:
-        w, a = b[1:].split("a")
-        return (int(w), int(a))
-    except ValueError:
-        return (0, 0)
 
 
 INF = 1e300  # MLflow stores inf (e.g. PSNR of FP against itself) as the largest float
@@ -126,7 +106,7 @@ def metric_plots(part: pd.DataFrame, metrics: list[str], title: str) -> bytes:
     fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.2 * rows), squeeze=False)
     for ax, metric in zip(axes.flat, metrics):
         m = part[part["metric"] == metric]
-        qbits = sorted((b for b in m["bits"].unique() if b != "fp"), key=_bits_key)
+        qbits = sorted((b for b in m["bits"].unique() if b != "fp"), key=bits_key)
         x = {b: i for i, b in enumerate(qbits)}
         for method in sorted(m["method"].unique()):
             if method == "fp":
@@ -171,7 +151,7 @@ def sample_grids(out: Path) -> dict[tuple[str, str], list[tuple[str, Path]]]:
     def order(item):
         label = item[0]
         method, bits = label.split()[:2]
-        return (method != "fp", method, -_bits_key(bits)[0], -_bits_key(bits)[1], label)
+        return (method != "fp", method, -bits_key(bits)[0], -bits_key(bits)[1], label)
 
     return {k: [(lab, p) for lab, (_, p) in sorted(v.items(), key=order)] for k, v in found.items()}
 
@@ -189,7 +169,7 @@ def headline_table(t: pd.DataFrame) -> str:
 
 
 def render(summary: pd.DataFrame, grids: dict[tuple[str, str], list[tuple[str, Path]]], note: str = "",
-           heads: dict[tuple[str, str], pd.DataFrame] | None = None) -> str:
+           heads: dict[tuple[str, str, str], pd.DataFrame] | None = None) -> str:
     parts = ["<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>",
              "<title>dmqbench leaderboard</title>", f"<style>{CSS}</style></head><body>",
              "<h1>dmqbench leaderboard</h1>",
@@ -201,11 +181,13 @@ def render(summary: pd.DataFrame, grids: dict[tuple[str, str], list[tuple[str, P
     if note:
         parts.append(f"<p class='note'>{html.escape(note)}</p>")
     toc = []
-    for (model, protocol), part in summary.groupby(["model", "protocol"]):
-        anchor = html.escape(f"{model}-{protocol}")
-        toc.append(f"<li><a href='#{anchor}'>{html.escape(model)} — {html.escape(protocol)}</a></li>")
-        parts.append(f"<h2 id='{anchor}'>{html.escape(model)} — protocol <code>{html.escape(protocol)}</code></h2>")
-        head = (heads or {}).get((model, protocol))
+    for (model, protocol, reference), part in summary.groupby(TABLE):
+        anchor = html.escape(f"{model}-{protocol}-{reference}")
+        toc.append(f"<li><a href='#{anchor}'>{html.escape(model)} — {html.escape(protocol)} — "
+                   f"{html.escape(reference)}</a></li>")
+        parts.append(f"<h2 id='{anchor}'>{html.escape(model)} — protocol <code>{html.escape(protocol)}</code> — "
+                     f"reference <code>{html.escape(reference)}</code></h2>")
+        head = (heads or {}).get((model, protocol, reference))
         if head is not None and len(head.columns) > 2:
             parts.append(f"<h3>Headline</h3><p class='note'>{html.escape(LEGEND)}</p>{headline_table(head)}")
         metrics = _metric_order(part["metric"].unique().tolist())
@@ -227,8 +209,7 @@ def render(summary: pd.DataFrame, grids: dict[tuple[str, str], list[tuple[str, P
                              "</figure>")
             parts.append("</div>")
     parts.insert(5, "<ul>" + "".join(toc) + "</ul>")
-    parts.append("<div id='render-check' data-done='0'></div>")
-    parts.append(f"<script>{CHECK_JS}</script></body></html>")
+    parts.append("</body></html>")
     return "\n".join(parts)
 
 

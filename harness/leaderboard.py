@@ -1,6 +1,6 @@
 """Leaderboards of a sweep, read from ``OUT/runs/*/*/results.json`` (:mod:`harness.results`).
 
-Per (model, protocol):
+Per (model, protocol, reference statistics):
 
 * a **headline table** in the shape of a paper's: one row per (method, bit-width), FP first and the
   sampling floor (N real CIFAR-10 test images against the reference, N = the runs' sample count)
@@ -35,7 +35,8 @@ HEADLINE = ("fid_fp/{net}", "paired/psnr", "paired/ssim", "fid/{net}", "kid/{net
 BASELINE_METHOD = "rtn"  # quantized rows are marked against it
 BETTER, WORSE = "*", "†"
 FLOOR_FILE = Path(__file__).resolve().parents[1] / "models" / "assets" / "cifar10-test-cifarnet-floor.json"
-GROUP = ["model", "protocol", "method", "bits", "preset", "scope"]
+TABLE = ["model", "protocol", "reference"]  # one set of tables each: numbers against different references never mix
+GROUP = [*TABLE, "method", "bits", "preset", "scope"]
 
 INF_AT = 1e308  # MLflow stores ±Inf as ±1.7976931348623157e308
 
@@ -138,8 +139,20 @@ def _metric_order(metrics: list[str]) -> list[str]:
     return [m for m in PRIMARY if m in metrics] + sorted(m for m in metrics if m not in PRIMARY)
 
 
+def bits_key(bits: str) -> tuple[int, int]:
+    """(weight bits, activation bits); FP counts as 16/16. The one ordering of bit-widths in every report."""
+    if bits == "fp":
+        return (16, 16)
+    try:
+        w, a = bits[1:].split("a")
+        return (int(w), int(a))
+    except ValueError:
+        return (0, 0)
+
+
 def _bits_order(bits: list[str]) -> list[str]:
-    return (["fp"] if "fp" in bits else []) + sorted((b for b in bits if b != "fp"), reverse=True)
+    """Most precise first: fp, w8a8, w6a6, w4a8, ..."""
+    return sorted(bits, key=bits_key, reverse=True)
 
 
 def _method_order(methods: list[str]) -> list[str]:
@@ -148,15 +161,15 @@ def _method_order(methods: list[str]) -> list[str]:
 
 
 def tables(summary: pd.DataFrame) -> dict[tuple[str, str, str], pd.DataFrame]:
-    """{(model, protocol, metric): methods x bit-widths table of formatted cells}."""
+    """{(model, protocol, reference, metric): methods x bit-widths table of formatted cells}."""
     out = {}
-    for (model, protocol), part in summary.groupby(["model", "protocol"]):
+    for table, part in summary.groupby(TABLE):
         for metric in _metric_order(part["metric"].unique().tolist()):
             m = part[part["metric"] == metric].copy()
             m["cell"] = m.apply(_cell, axis=1)
             t = m.pivot_table(index="method", columns="bits", values="cell", aggfunc="first").fillna("")
             t = t[_bits_order(list(t.columns))]
-            out[(model, protocol, metric)] = t.loc[_method_order(list(t.index))]
+            out[(*table, metric)] = t.loc[_method_order(list(t.index))]
     return out
 
 
@@ -170,12 +183,12 @@ def load_floor(path: Path = FLOOR_FILE) -> dict:
     return data if isinstance(data, dict) and isinstance(data.get("sizes"), dict) else {}
 
 
-def _num_samples(runs: list[Run], model: str, protocol: str) -> int | None:
+def _num_samples(runs: list[Run], model: str, protocol: str, reference: str) -> int | None:
     """The runs' one sample count, or ``None`` (no floor row) when they differ or score against a reference
     other than the floor's ``cifar10-test``."""
-    mine = [r for r in runs if r.spec["model"] == model and r.spec["protocol"] == protocol]
-    if any(r.spec.get("reference") not in (None, "cifar10-test") for r in mine):
+    if reference != "cifar10-test":
         return None
+    mine = [r for r in runs if r.key[:3] == (model, protocol, reference)]
     ns = {int(r.spec.get("num_samples", 0)) for r in mine}
     return ns.pop() if len(ns) == 1 else None
 
@@ -220,17 +233,17 @@ LEGEND = (f"Cells: value [95% bootstrap interval over images]; `{BETTER}` / `{WO
           "↓ lower is better, ↑ higher is better; FP's PSNR against itself is ∞.")
 
 
-def to_markdown(tabs: dict[tuple[str, str, str], pd.DataFrame], note: str = "",
-                heads: dict[tuple[str, str], pd.DataFrame] | None = None) -> str:
+def to_markdown(tabs: dict[tuple[str, str, str, str], pd.DataFrame], note: str = "",
+                heads: dict[tuple[str, str, str], pd.DataFrame] | None = None) -> str:
     lines = ["# dmqbench leaderboard", ""]
     if note:
         lines += [note, ""]
     current = None
-    for (model, protocol, metric), t in tabs.items():
-        if (model, protocol) != current:
-            current = (model, protocol)
-            lines += [f"## {model} — protocol `{protocol}`", ""]
-            head = (heads or {}).get((model, protocol))
+    for (model, protocol, reference, metric), t in tabs.items():
+        if (model, protocol, reference) != current:
+            current = (model, protocol, reference)
+            lines += [f"## {model} — protocol `{protocol}` — reference `{reference}`", ""]
+            head = (heads or {}).get(current)
             if head is not None and len(head.columns) > 2:
                 lines += ["### Headline", "", LEGEND, "", head.to_markdown(index=False), ""]
         lines += [f"### `{metric}` ({direction_label(metric)})", "", t.to_markdown(), ""]
@@ -242,10 +255,9 @@ def build_summary(out: Path) -> tuple[pd.DataFrame, list[Run]]:
     return summarise(long_table(runs), runs), runs
 
 
-def headlines(summary: pd.DataFrame, runs: list[Run]) -> dict[tuple[str, str], pd.DataFrame]:
+def headlines(summary: pd.DataFrame, runs: list[Run]) -> dict[tuple[str, str, str], pd.DataFrame]:
     floor = load_floor()
-    return {(model, protocol): headline(part, floor, _num_samples(runs, model, protocol))
-            for (model, protocol), part in summary.groupby(["model", "protocol"])}
+    return {table: headline(part, floor, _num_samples(runs, *table)) for table, part in summary.groupby(TABLE)}
 
 
 def build(out: Path, dest: Path, note: str = "") -> tuple[str, Path, Path]:

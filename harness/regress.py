@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from harness.metrics.registry import direction, interval, interval_of
-from harness.results import KEY_FIELDS, discover, key_label, run_key
+from harness.results import KEY_DEFAULTS, KEY_FIELDS, discover, key_label, run_key
 
 FORMAT = 1
 
@@ -97,7 +97,7 @@ def load_baseline(path: Path) -> dict:
     for i, r in enumerate(data["runs"]):
         if not isinstance(r, dict) or not isinstance(r.get("key"), dict) or not isinstance(r.get("metrics"), dict):
             raise RegressError(f"baseline {path}: runs[{i}] needs 'key' and 'metrics' objects")
-        missing = [k for k in KEY_FIELDS if k not in r["key"]]
+        missing = [k for k in KEY_FIELDS if k not in r["key"] and k not in KEY_DEFAULTS]
         if missing:
             raise RegressError(f"baseline {path}: runs[{i}].key lacks {', '.join(missing)}")
     tol = data.get("tolerances", {})
@@ -296,7 +296,7 @@ def make_baseline(results: dict[tuple, dict], protocol: str, previous: dict | No
         if res.get("status") != "complete":
             continue
         metrics = {k: v for k, v in sorted(res.get("metrics", {}).items()) if isinstance(v, int | float)}
-        runs.append({"key": dict(zip(KEY_FIELDS, (res["spec"][k] for k in KEY_FIELDS))),
+        runs.append({"key": dict(zip(KEY_FIELDS, run_key(res["spec"]))),
                      "config_hash": res.get("config_hash"), "metrics": metrics,
                      "num_samples": res["spec"].get("num_samples"), "steps": res["spec"].get("steps")})
     if not runs:

@@ -25,13 +25,15 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-KEY_FIELDS = ("model", "protocol", "method", "bits", "seed", "preset", "scope")
+KEY_FIELDS = ("model", "protocol", "reference", "method", "bits", "seed", "preset", "scope")
+# Runs written before a key field existed: the value they were scored with.
+KEY_DEFAULTS = {"reference": "cifar10-test"}
 RESULTS, FEATURES, BOOTSTRAP = "results.json", "features.npz", "bootstrap.npz"
 LONG_COLUMNS = [*KEY_FIELDS, "metric", "value"]
 
 
 def run_key(spec: dict) -> tuple[str, ...]:
-    return tuple(str(spec[k]) for k in KEY_FIELDS)
+    return tuple(str(spec.get(k) or KEY_DEFAULTS[k]) if k in KEY_DEFAULTS else str(spec[k]) for k in KEY_FIELDS)
 
 
 def key_dict(key: tuple) -> dict[str, str]:
@@ -80,7 +82,7 @@ def read_run(run_dir: Path) -> Run | None:
         return None
     if not isinstance(res, dict) or not isinstance(res.get("spec"), dict):
         return None
-    if any(k not in res["spec"] for k in KEY_FIELDS):
+    if any(k not in res["spec"] and k not in KEY_DEFAULTS for k in KEY_FIELDS):
         return None
     return Run(Path(run_dir), res, mtime)
 

@@ -48,6 +48,20 @@ def test_page_is_self_contained(page: Path) -> None:
     assert "tiny-random — protocol <code>smoke</code>" in text
 
 
+# Injected into a copy of the page by the test only: records what rendered, for --dump-dom to read.
+CHECK_JS = """
+window.addEventListener('load', function () {
+  var imgs = Array.prototype.slice.call(document.images);
+  var ok = imgs.filter(function (i) { return i.complete && i.naturalWidth > 0; }).length;
+  var el = document.getElementById('render-check');
+  el.setAttribute('data-images', String(imgs.length));
+  el.setAttribute('data-images-ok', String(ok));
+  el.setAttribute('data-tables', String(document.querySelectorAll('table.lb').length));
+  el.setAttribute('data-done', '1');
+});
+"""
+
+
 def _chromium() -> str | None:
     for name in ("chromium", "chromium-browser", "google-chrome"):
         if shutil.which(name):
@@ -61,11 +75,14 @@ def test_renders_in_headless_chromium(page: Path, tmp_path: Path) -> None:
     if exe is None:
         pytest.skip("Chromium is not installed (Debian: apt-get install chromium; or ci/chromium.sh)")
     flags = CHROMIUM_FLAGS + [f"--user-data-dir={tmp_path / 'profile'}"]
+    checked = tmp_path / "checked.html"
+    checked.write_text(page.read_text().replace(
+        "</body>", f"<div id='render-check' data-done='0'></div><script>{CHECK_JS}</script></body>"))
     shot = tmp_path / "leaderboard.png"
     r = subprocess.run([exe, *flags, "--hide-scrollbars", "--window-size=1300,2600", f"--screenshot={shot}",
                         page.as_uri()], capture_output=True, text=True, timeout=90)
     assert shot.is_file(), r.stderr[-2000:]
-    dom = subprocess.run([exe, *flags, "--dump-dom", "--virtual-time-budget=5000", page.as_uri()],
+    dom = subprocess.run([exe, *flags, "--dump-dom", "--virtual-time-budget=5000", checked.as_uri()],
                          capture_output=True, text=True, timeout=90)
     m = re.search(r'<div id="render-check"([^>]*)>', dom.stdout)
     assert m, dom.stderr[-2000:]

@@ -119,9 +119,9 @@ def test_leaderboard_mark_flips_when_a_known_shift_is_added(tmp_path: Path) -> N
         _write_run(tmp_path, method, "fp" if method == "fp" else "w8a8", imgs, fp)
     runs = discover(tmp_path, complete_only=True)
     marks = significance_marks(runs)
-    assert marks[("m", "smoke", "far", "w8a8", "fast", "uniform", "paired/mse")] == "worse"
-    assert marks[("m", "smoke", "near", "w8a8", "fast", "uniform", "paired/mse")] == "same"
-    assert marks[("m", "smoke", "far", "w8a8", "fast", "uniform", "paired/psnr")] == "worse"
+    assert marks[("m", "smoke", "cifar10-test", "far", "w8a8", "fast", "uniform", "paired/mse")] == "worse"
+    assert marks[("m", "smoke", "cifar10-test", "near", "w8a8", "fast", "uniform", "paired/mse")] == "same"
+    assert marks[("m", "smoke", "cifar10-test", "far", "w8a8", "fast", "uniform", "paired/psnr")] == "worse"
     summary = summarise(long_table(runs), runs)
     far = summary[(summary["method"] == "far") & (summary["metric"] == "paired/mse")].iloc[0]
     assert far["vs_rtn"] == "worse" and far["ci_low"] < far["mean"] < far["ci_high"]
@@ -162,3 +162,21 @@ def test_regress_flags_a_move_outside_the_interval_and_passes_one_inside() -> No
     assert [(r.metric, r.verdict) for r in outside.failures] == [("fid_fp/cifarnet", R.REGRESSED)]
     # a metric absent from the baseline is "new" (its interval keys are not rows of their own)
     assert [(r.metric, r.verdict) for r in inside.rows if r.verdict == R.NEW] == [("paired/ssim", R.NEW)]
+
+
+def test_runs_scored_against_different_references_never_share_a_table(tmp_path: Path) -> None:
+    from harness.leaderboard import tables, to_markdown
+
+    for ref, fid in (("cifar10-test", 10.0), ("cifar10-train", 20.0)):
+        rdir = tmp_path / "runs" / "m" / f"rtn-{ref}"
+        rdir.mkdir(parents=True)
+        spec = {"model": "m", "protocol": "smoke", "reference": ref, "method": "rtn", "bits": "w8a8", "seed": 0,
+                "preset": "fast", "scope": "uniform", "num_samples": 8}
+        (rdir / "results.json").write_text(json.dumps({"spec": spec, "status": "complete",
+                                                        "metrics": {"fid/cifarnet": fid}}))
+    runs = discover(tmp_path, complete_only=True)
+    tabs = tables(summarise(long_table(runs), runs))
+    assert {k[:3] for k in tabs} == {("m", "smoke", "cifar10-test"), ("m", "smoke", "cifar10-train")}
+    assert [t.loc["rtn", "w8a8"] for t in tabs.values()] == ["10", "20"]  # one value per table, never averaged
+    md = to_markdown(tabs)
+    assert "reference `cifar10-test`" in md and "reference `cifar10-train`" in md
