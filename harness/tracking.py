@@ -234,6 +234,14 @@ def _flatten(prefix: str, value: Any, out: dict[str, str]) -> None:
         out[prefix] = str(value)[:500]
 
 
+def artifact_root(tracking_uri: str) -> str | None:
+    """Artifacts of a sqlite store live beside it (``OUT/mlartifacts``), not in MLflow's default ``./mlruns``
+    of whatever directory the sweep was started from; other stores keep their server's default."""
+    if not tracking_uri.startswith("sqlite:///"):
+        return None
+    return (Path(tracking_uri[len("sqlite:///"):]).resolve().parent / "mlartifacts").as_uri()
+
+
 class Tracker:
     """MLflow mirror for one sweep: an experiment per protocol, a parent run per sweep."""
 
@@ -242,7 +250,8 @@ class Tracker:
         self.client = MlflowClient(tracking_uri)
         name = f"dmqbench-{protocol}"
         exp = self.client.get_experiment_by_name(name)
-        self.experiment_id = exp.experiment_id if exp else self.client.create_experiment(name)
+        self.experiment_id = exp.experiment_id if exp else self.client.create_experiment(
+            name, artifact_location=artifact_root(tracking_uri))
         found = self.client.search_runs(
             [self.experiment_id], f"tags.sweep_hash = '{sweep_hash}' and tags.kind = 'sweep'", max_results=1
         )

@@ -24,9 +24,9 @@ def _env() -> dict:
     return dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", PYTHONPATH=str(REPO))
 
 
-def _bench(*args: str) -> subprocess.CompletedProcess:
+def _bench(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "harness.cli", *args], env=_env(), capture_output=True, text=True,
-                          timeout=600)
+                          timeout=600, cwd=cwd)
 
 
 def test_nan_weights_fail_the_run_naming_nan_and_the_layer(tmp_path: Path) -> None:
@@ -60,8 +60,10 @@ def test_pickle_in_place_of_the_quantized_state_is_not_run(tmp_path: Path) -> No
     out = tmp_path / "out"
     args = ("run", "--methods", "fp,rtn", "--models", "tiny-random", "--bits", "w8a8", "--num-samples", "4",
             "--steps", "2", "--out", str(out))
-    first = _bench(*args)
+    (tmp_path / "cwd").mkdir()
+    first = _bench(*args, cwd=tmp_path / "cwd")
     assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-2000:]
+    assert not (tmp_path / "cwd" / "mlruns").exists() and (out / "mlartifacts").is_dir()  # nothing outside --out
     (rdir,) = out.glob("runs/tiny-random/rtn-*")
     saved = rdir / "quantized.safetensors"
     assert saved.is_file()
