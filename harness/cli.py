@@ -13,6 +13,7 @@ the others (a full disk stops it, with one line); Ctrl-C exits 130 (rerun to res
 from __future__ import annotations
 
 import sys
+import warnings
 from pathlib import Path
 
 import click
@@ -44,6 +45,28 @@ class OneLineErrors(click.Command):
 def _fail(message: str, code: int) -> None:
     click.echo(f"bench run: {' '.join(str(message).split())}", err=True)
     sys.exit(code)
+
+
+class HeldWarnings:
+    """Warnings raised while a sweep is checked (e.g. "these Inception weights are not the published ones")
+    are held: shown once the checks pass (:meth:`release`), dropped when bad input exits 2 with its one line."""
+
+    def __enter__(self) -> HeldWarnings:
+        self._cm = warnings.catch_warnings(record=True)
+        self.caught = self._cm.__enter__()
+        return self
+
+    def release(self) -> None:
+        if self._cm is not None:
+            self._cm.__exit__(None, None, None)
+            self._cm = None
+            for w in self.caught:
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+
+    def __exit__(self, *exc) -> None:
+        if self._cm is not None:
+            self._cm.__exit__(*exc)
+            self._cm = None
 
 
 def _device(device: str) -> str:
@@ -79,6 +102,10 @@ def main() -> None:
               help="reference statistics to score against: a name (bench ref ls) or a .npz [default: the model's]")
 @click.option("--lpips-weights", type=click.Path(), default=None,
               help="local LPIPS state dict (backbone + linear layers): adds paired/lpips/<backbone>")
+@click.option("--captions", type=click.Path(), default=None,
+              help="text-to-image models: caption file, one per line; image i uses line i mod N (docs/zoo.md)")
+@click.option("--clip-model", type=click.Path(), default=None,
+              help="local CLIP directory (save_pretrained layout): adds clip_score/<DIR name> to text-to-image runs")
 @click.option("--executor", type=click.Choice(["local", "gpus", "slurm"]), default="local", show_default=True,
               help="local: in sequence; gpus: one job per visible GPU; slurm: an array job through submitit")
 @click.option("--slurm-partition", default=None, help="slurm: partition")
@@ -87,12 +114,13 @@ def main() -> None:
 @click.option("--slurm-parallelism", type=int, default=16, show_default=True, help="slurm: array jobs at once")
 def run(methods_, models, bits, seeds, protocol, preset, scope, num_samples, steps, model_path, out, device,
         batch_size, tracking_uri, inception_weights, executor, slurm_partition, slurm_time, slurm_gpus,
-        slurm_parallelism, lpips_weights=None, reference=None) -> None:
+        slurm_parallelism, lpips_weights=None, reference=None, captions=None, clip_model=None) -> None:
     """Run every method x model x bit-width under one protocol; resume what is done."""
     try:
-        _run(methods_, models, bits, seeds, protocol, preset, scope, num_samples, steps, model_path, out, device,
-             batch_size, tracking_uri, inception_weights, executor, slurm_partition, slurm_time, slurm_gpus,
-             slurm_parallelism, lpips_weights, reference)
+        with HeldWarnings() as held:
+            _run(methods_, models, bits, seeds, protocol, preset, scope, num_samples, steps, model_path, out, device,
+                 batch_size, tracking_uri, inception_weights, executor, slurm_partition, slurm_time, slurm_gpus,
+                 slurm_parallelism, lpips_weights, reference, captions, clip_model, held)
     except KeyboardInterrupt:
         _fail("interrupted: complete runs and sample shards are kept; rerun the same command to resume",
               EXIT_INTERRUPTED)
@@ -100,7 +128,8 @@ def run(methods_, models, bits, seeds, protocol, preset, scope, num_samples, ste
 
 def _run(methods_, models, bits, seeds, protocol, preset, scope, num_samples, steps, model_path, out, device,
          batch_size, tracking_uri, inception_weights, executor, slurm_partition, slurm_time, slurm_gpus,
-         slurm_parallelism, lpips_weights=None, reference=None) -> None:
+         slurm_parallelism, lpips_weights=None, reference=None, captions=None, clip_model=None,
+         held: HeldWarnings | None = None) -> None:
     from harness.preflight import PreflightError, PreflightOptions, parse_device, preflight
     from harness.runner import RunOptions
     from harness.spec import SpecError, expand
@@ -127,7 +156,7 @@ def _run(methods_, models, bits, seeds, protocol, preset, scope, num_samples, st
                        "(no model_index.json or unet/): save one with pipeline.save_pretrained(DIR)")
     try:
         specs = expand(methods_, models, bits, seed_list, protocol, preset, scope, num_samples, steps, model_path,
-                       reference)
+                       reference, captions)
     except SpecError as e:
         raise BadInput(str(e)) from None
     if inception_weights:
@@ -147,7 +176,8 @@ def _run(methods_, models, bits, seeds, protocol, preset, scope, num_samples, st
     out_dir = Path(out)
     try:
         preflight(specs, PreflightOptions(out=out_dir, device=device, tracking_uri=tracking_uri, executor=executor,
-                                          batch_size=batch_size, inception_weights=inception_weights))
+                                          batch_size=batch_size, inception_weights=inception_weights,
+                                          clip_model=clip_model))
     except PreflightError as e:
         raise BadInput(str(e)) from None
     from harness.executors import make_executor
@@ -158,10 +188,12 @@ def _run(methods_, models, bits, seeds, protocol, preset, scope, num_samples, st
     except click.UsageError as e:
         raise BadInput(e.format_message()) from None
     # Everything is checked: from here on files are written.
+    if held is not None:
+        held.release()
     out_dir.mkdir(parents=True, exist_ok=True)
     uri = tracking_uri or default_tracking_uri(out_dir)
     opts = RunOptions(out=out_dir, device=_device(device), batch_size=batch_size, inception_weights=inception_weights,
-                      lpips_weights=lpips_weights)
+                      lpips_weights=lpips_weights, clip_model=clip_model)
     click.echo(f"dmqbench: {len(specs)} runs ({protocol} protocol) -> {out_dir}")
     try:
         outcome = run_sweep(specs, opts, uri, {"methods": methods_, "models": models, "bits": bits, "seeds": seeds,

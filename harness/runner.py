@@ -44,6 +44,7 @@ class RunOptions:
     batch_size: int = 64
     inception_weights: str | None = None
     lpips_weights: str | None = None  # local LPIPS state dict: adds paired/lpips/<backbone>
+    clip_model: str | None = None  # local CLIP directory: adds clip_score/<name> to text-to-image runs
 
     @property
     def cache_dir(self) -> Path:
@@ -169,6 +170,12 @@ def score(spec: RunSpec, opts: RunOptions, model, schedule, denoiser, images: np
     intervals, replicates = data_intervals(features, metrics, reference=spec.reference,
                                            inception_weights=opts.inception_weights)
     metrics.update(intervals)
+    cond_fn = model.extra.get("cond_fn")
+    if opts.clip_model and hasattr(cond_fn, "caption"):  # text-to-image: each image with its own caption
+        from harness.metrics.clip import clip_score_metrics
+
+        captions = [cond_fn.caption(s) for s in eval_seeds(spec.seed, 0, len(images))]
+        metrics.update(clip_score_metrics(images, captions, opts.clip_model, opts.device, replicates))
     save_replicates(rdir, replicates)
     metrics.update(paired_to_reference(spec, images, opts.out, features, opts))  # {} while FP is still sampling
     probe_seed_base = spec.seed * EVAL_SEED_STRIDE
@@ -198,7 +205,7 @@ def record_failure(results: dict, error: BaseException) -> None:
 def load_stage(spec: RunSpec, opts: RunOptions):
     """The spec's FP model, its sampling schedule and its calibration trajectory bank."""
     torch.manual_seed(spec.seed)
-    model = load_model(_model_spec(spec), spec.model_path, opts.device)
+    model = load_model(_model_spec(spec), spec.model_path, opts.device, captions=spec.captions)
     schedule = make_schedule(model, spec.steps, spec.spacing)
     return model, schedule, _bank(model, schedule, spec, opts)
 
@@ -206,9 +213,10 @@ def load_stage(spec: RunSpec, opts: RunOptions):
 def _prepare(spec: RunSpec, opts: RunOptions, rdir: Path):
     """Check that the run can be scored, load the model and its schedule, quantize it (or reload the
     quantized state), and check its first denoiser call on the run's own first images is finite."""
-    from harness.preflight import metric_problems
+    from harness.preflight import caption_problems, metric_problems
 
-    problems = metric_problems([spec], opts.inception_weights)  # the driver checked too; this is the scorer
+    # the driver checked too; this is the scorer
+    problems = metric_problems([spec], opts.inception_weights) + caption_problems([spec])
     if problems:
         raise MetricSetupError(problems[0])
     t = time.perf_counter()
