@@ -13,7 +13,7 @@ import methods.quant
 from methods.quant.adaround import AdaRoundQuantizer
 from methods.quant.attention import QuantAttnProcessor
 from methods.quant.base import Quantizer
-from methods.quant.group_search import GroupMixtureQuantizer
+from methods.quant.group_search import APQWeightQuantizer, GroupMixtureQuantizer
 from methods.quant.layers import QuantLayer, quantizers_disabled
 from methods.quant.quantizer import UniformQuantizer
 from methods.quant.step_table import StepTableQuantizer
@@ -174,6 +174,10 @@ def _pairs():
         mlp.net[-1].weight.normal_(generator=g)
     yield TDQActQuantizer(4, mlp), TDQActQuantizer(4, TDQStepMLP(enc_dim=8, hidden=8, depth=1)), x4, (0, 300, 2)
 
+    apq = APQWeightQuantizer(4)
+    apq.init_range(w)  # [5, 1] step and clamp bounds; the fresh one's are []
+    yield apq, APQWeightQuantizer(4), w, None
+
 
 def test_every_quantizer_derives_from_the_base_and_is_covered_here():
     covered = {type(q) for q, *_ in _pairs()}
@@ -183,7 +187,7 @@ def test_every_quantizer_derives_from_the_base_and_is_covered_here():
         assert isinstance(q.bits, int) and isinstance(q.symmetric, bool) and q.enabled and q.active
 
 
-@pytest.mark.parametrize("index", range(7))
+@pytest.mark.parametrize("index", range(8))
 def test_state_dict_round_trip_into_fresh_instance_of_other_size(index):
     q, fresh, x, step = list(_pairs())[index]
     sd = q.state_dict()
