@@ -108,31 +108,29 @@ class UniformQuantizer(Quantizer):
         """QDrop's ``perform_1D_search``: thr = max|x| * i / 100; range [-thr, thr] ([0, thr] if x >= 0,
         [-thr, 0] if x <= 0); least mean L_p error per channel. Meant for an asymmetric-arithmetic
         quantizer (``symmetric=False``): QDrop's "symmetric" is 2^b levels on [-thr, thr]."""
-        qmin, qmax = self.qmin_qmax
         absmax = torch.maximum(lo.abs(), hi.abs())
         pos, neg = lo >= 0, hi <= 0
-        best_err = torch.full_like(lo, float("inf"))
-        best_lo, best_hi = lo.clone(), hi.clone()
-        for i in range(1, _QDROP_GRID + 1):
-            thr = absmax * i / _QDROP_GRID
-            c_lo = torch.where(pos, torch.zeros_like(thr), -thr)
-            c_hi = torch.where(neg, torch.zeros_like(thr), thr)
-            s, z = scale_zero_point(c_lo, c_hi, self.bits, self.symmetric)
-            s, z = broadcast_channels(s, x, self.channel_axis), broadcast_channels(z, x, self.channel_axis)
-            err = (fake_quant(x, s, z, qmin, qmax) - x).abs().pow(p).mean(dim=dims)
-            better = err < best_err
-            best_err = torch.where(better, err, best_err)
-            best_lo, best_hi = torch.where(better, c_lo, best_lo), torch.where(better, c_hi, best_hi)
-        return best_lo, best_hi
+
+        def candidates():
+            for i in range(1, _QDROP_GRID + 1):
+                thr = absmax * i / _QDROP_GRID
+                yield torch.where(pos, torch.zeros_like(thr), -thr), torch.where(neg, torch.zeros_like(thr), thr)
+
+        return self._least_lp(x, lo, hi, candidates(), p, dims)
 
     def _search_lp(self, x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, p: float, dims: list[int]):
         """Shrink the min-max range by 1%, 2%, ... and keep, per channel, the one with least L_p error."""
+        ratios = (1.0 - 0.01 * i for i in range(_MSE_GRID))
+        return self._least_lp(x, lo, hi, ((lo * r, hi * r) for r in ratios), p, dims)
+
+    def _least_lp(self, x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, candidates, p: float,
+                  dims: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per channel, the candidate range ``(c_lo, c_hi)`` whose fake quantization has the least mean L_p
+        error on ``x`` (the first one on ties); ``(lo, hi)`` when no candidate is finite."""
         qmin, qmax = self.qmin_qmax
         best_err = torch.full_like(lo, float("inf"))
         best_lo, best_hi = lo.clone(), hi.clone()
-        for i in range(_MSE_GRID):
-            ratio = 1.0 - 0.01 * i
-            c_lo, c_hi = lo * ratio, hi * ratio
+        for c_lo, c_hi in candidates:
             s, z = scale_zero_point(c_lo, c_hi, self.bits, self.symmetric)
             s, z = broadcast_channels(s, x, self.channel_axis), broadcast_channels(z, x, self.channel_axis)
             err = (fake_quant(x, s, z, qmin, qmax) - x).abs().pow(p).mean(dim=dims)
