@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from mlflow.tracking import MlflowClient
 
 from harness.runner import RunOptions, run_dir
@@ -31,9 +32,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _env() -> dict:
-    """This checkout's code in the subprocess whatever the cwd (an editable install may point elsewhere)."""
+    """This checkout's code in the subprocess whatever the cwd (an editable install may point elsewhere), with
+    this process's thread count: float reductions, hence uint8 samples, may differ between thread counts, and
+    some tests compare a subprocess's samples with ones made in this process."""
     path = os.pathsep.join(x for x in (str(ROOT), os.environ.get("PYTHONPATH", "")) if x)
-    return dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", PYTHONPATH=path)
+    return dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads()), CUDA_VISIBLE_DEVICES="", PYTHONPATH=path)
 
 
 def _bench(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
