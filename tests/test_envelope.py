@@ -10,15 +10,14 @@ from __future__ import annotations
 import copy
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from helpers_kill import kill_mid_sampling
 from torch import nn
 
 import methods
@@ -101,22 +100,8 @@ def test_wrapper_method_survives_sigkill_and_resume_bit_identically(tmp_path: Pa
     out = tmp_path / "killed"
     proc = subprocess.Popen(_cmd(out), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
-    killed_dir, deadline = None, time.monotonic() + 300
-    try:
-        while time.monotonic() < deadline and proc.poll() is None:
-            dirs = list((out / "runs" / "tiny-random").glob("test-wrap-w8a8-*")) if out.exists() else []
-            if dirs:
-                store = ShardStore(dirs[0] / "samples", NUM)
-                if 1 <= sum(store.is_done(k) for k in range(store.num_shards)) < store.num_shards:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                    proc.wait(timeout=30)
-                    killed_dir = dirs[0]
-                    break
-            time.sleep(0.02)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+    killed = kill_mid_sampling(proc, out / "runs" / "tiny-random", "test-wrap-w8a8-*", NUM)
+    killed_dir = killed[0] if killed else None
     assert killed_dir is not None, "the sweep ended before it could be killed mid-sampling"
     assert (killed_dir / "quantized.safetensors").exists() and not (killed_dir / "results.json").exists()
 

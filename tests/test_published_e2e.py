@@ -14,7 +14,6 @@ everything else (sampler, eta, spacing, reference, extractor) is the paper proto
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import pickle
@@ -29,6 +28,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+from helpers_images import sha256_of, smooth_images
 from helpers_inception import random_inception_weights
 from PIL import Image
 
@@ -56,16 +56,6 @@ CHURCH_UNET = dict(sample_size=256, in_channels=3, out_channels=3, block_out_cha
                    attention_head_dim=None)
 
 
-def _sha(p) -> str:
-    return hashlib.sha256(Path(p).read_bytes()).hexdigest()
-
-
-def _smooth(n: int, size: int, seed: int) -> np.ndarray:
-    """uint8 [n, 3, size, size]: upsampled random colour fields."""
-    g = torch.Generator().manual_seed(seed)
-    low = torch.rand((n, 3, 6, 6), generator=g) * 255
-    x = torch.nn.functional.interpolate(low, size=(size, size), mode="bilinear", align_corners=False)
-    return x.round().clamp(0, 255).to(torch.uint8).numpy()
 
 
 def _pipeline(unet_cfg: dict, path: Path) -> Path:
@@ -108,7 +98,7 @@ def env(tmp_path_factory):
 def church(env):
     folder = env["root"] / "church-pngs"
     folder.mkdir()
-    for i, im in enumerate(_smooth(32, 256, 1)):
+    for i, im in enumerate(smooth_images(32, 256, 1)):
         Image.fromarray(im.transpose(1, 2, 0)).save(folder / f"{i:03d}.png")
     t = time.perf_counter()
     r = _bench("ref", "build", "lsun-church-train", "--images", folder, "--inception-weights", env["weights"],
@@ -129,7 +119,7 @@ def test_church_reference_build_records_the_folder(env, church):
     assert Path(ref.path).is_relative_to(env["store"])  # the store the env var names
     m = ref.manifest
     assert m["num_images"] == 32 and m["resolution"] == 256 and m["source"]["kind"] == "folder"
-    assert m["extractor_weights_sha256"] == _sha(env["weights"]) and ref.sha256 == _sha(ref.path)
+    assert m["extractor_weights_sha256"] == sha256_of(env["weights"]) and ref.sha256 == sha256_of(ref.path)
 
 
 @pytest.mark.slow
@@ -150,7 +140,7 @@ def test_church_paper_protocol_runs_and_scores_against_lsun_church(env, church):
         for key in INCEPTION:
             assert np.isfinite(data["metrics"][key]), (name, key)
         assert data["reference"]["inception"]["name"] == "lsun-church-train"
-        assert data["reference"]["inception"]["sha256"] == ref.sha256 == _sha(ref.path)
+        assert data["reference"]["inception"]["sha256"] == ref.sha256 == sha256_of(ref.path)
         assert data["reference"]["inception"]["provenance"] == "built"
     # The FID is that of the run's own features against the named reference's statistics, recomputed here in
     # the low-rank form: with X the centred [n, D] features, Tr((S1 S2)^1/2) = sum sqrt(eig(X S2 X^T / (n-1))).
@@ -177,7 +167,7 @@ def _cifar_pickles(root: Path, per_batch: int = 3) -> Path:
     d = root / "cifar-10-batches-py"
     d.mkdir(parents=True)
     for i, name in enumerate([f"data_batch_{k}" for k in range(1, 6)] + ["test_batch"]):
-        x = _smooth(per_batch, 32, 10 + i)
+        x = smooth_images(per_batch, 32, 10 + i)
         with open(d / name, "wb") as fh:
             pickle.dump({"batch_label": f"batch {i}", "labels": list(range(per_batch)),
                          "data": x.reshape(per_batch, -1), "filenames": [f"{i}_{j}.png" for j in range(per_batch)]},
@@ -295,7 +285,7 @@ def test_missing_reference_exits_2_naming_bench_ref_build(env, tmp_path):
 
 def test_missing_captions_for_sd_exits_2_naming_captions_flag(env, tmp_path):
     """sd-v1-4 samples from the protocol's caption file (not shipped): without it, one line names --captions."""
-    images = _smooth(4, 64, 5)
+    images = smooth_images(4, 64, 5)
     for i, im in enumerate(images):
         (tmp_path / "coco").mkdir(exist_ok=True)
         Image.fromarray(im.transpose(1, 2, 0)).save(tmp_path / "coco" / f"{i}.png")
@@ -396,7 +386,7 @@ def test_sd_reads_captions_file_records_it_and_reports_clip_score(env, sd):
     (data,) = _results(sd["out"]).values()
     assert data["status"] == "complete", data.get("error")
     assert data["spec"]["captions"] == str(sd["captions"].resolve())
-    assert data["spec"]["captions_sha256"] == _sha(sd["captions"])
+    assert data["spec"]["captions_sha256"] == sha256_of(sd["captions"])
     score = data["metrics"]["clip_score/clip-tiny"]
     assert np.isfinite(score) and 0.0 <= score <= 100.0
     lo, hi = data["metrics"]["clip_score/clip-tiny_ci_low"], data["metrics"]["clip_score/clip-tiny_ci_high"]
@@ -436,7 +426,7 @@ def test_captions_change_the_config_hash_and_the_prompts(env, tmp_path):
     a.write_text("a cat\na dog\n")
     b.write_text("a cat\na tree\n")
     (sa,), (sb,) = (expand("fp", "sd-v1-4-mini", "w8a8", captions=str(f)) for f in (a, b))
-    assert sa.captions_sha256 == _sha(a) and sa.config_hash != sb.config_hash
+    assert sa.captions_sha256 == sha256_of(a) and sa.config_hash != sb.config_hash
     (sn,) = expand("fp", "sd-v1-4-mini", "w8a8")
     assert sn.captions is None and "captions" not in sn.to_dict()  # the miniature's built-in prompts
     (pixel,) = expand("fp", "ddpm-cifar10", "w8a8", captions=str(a))

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from helpers_images import sha256_of, smooth_images
 from helpers_inception import random_inception_weights
 from PIL import Image
 
@@ -27,23 +28,13 @@ from harness.metrics.sources import RestrictedUnpickler, center_crop_resize, loa
 pytestmark = pytest.mark.filterwarnings("ignore:Inception weights .* differs from the published")
 
 
-def _sha(p: Path) -> str:
-    return hashlib.sha256(Path(p).read_bytes()).hexdigest()
-
-
-def _smooth(n: int, size: int, seed: int) -> np.ndarray:
-    """uint8 [n, 3, size, size]: upsampled random colour fields (not flat, not pure noise)."""
-    g = torch.Generator().manual_seed(seed)
-    low = torch.rand((n, 3, 6, 6), generator=g) * 255
-    x = torch.nn.functional.interpolate(low, size=(size, size), mode="bilinear", align_corners=False)
-    return x.round().clamp(0, 255).to(torch.uint8).numpy()
 
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
     root = tmp_path_factory.mktemp("refstats")
     weights = random_inception_weights(root / "inception-random.pth", seed=0)
-    imgs = _smooth(6, 256, 0)
+    imgs = smooth_images(6, 256, 0)
     folder = root / "pngs"
     (folder / "a" / "b").mkdir(parents=True)
     names = ["00.png", "a/01.png", "a/b/02.png", "03.png", "a/04.png", "05.png"]
@@ -79,7 +70,7 @@ def built(env):
 
 
 def test_build_from_folder_npz_and_tar_records_manifest_and_exact_statistics(env, built):
-    wsha = _sha(env["weights"])
+    wsha = sha256_of(env["weights"])
     kinds = {"toy-folder": "folder", "toy-npz": "adm-npz", "toy-tgz": "tar"}
     for name, ref in built.items():
         m = ref.manifest
@@ -88,10 +79,10 @@ def test_build_from_folder_npz_and_tar_records_manifest_and_exact_statistics(env
         assert m["source"]["kind"] == kinds[name] and "center crop to 256x256" in m["preprocessing"]
         assert m["extractor_weights_sha256"] == wsha and m["extractor_weights_published"] is False
         assert m["created"] and Path(ref.path).name == f"inception-{wsha[:16]}.npz"
-        assert ref.sha256 == m["stats_sha256"] == _sha(ref.path)
+        assert ref.sha256 == m["stats_sha256"] == sha256_of(ref.path)
         assert ref.stats.mu["2048"].shape == (2048,) and ref.stats.sigma["spatial"].shape == (2023, 2023)
-    assert built["toy-npz"].manifest["source"]["sha256"] == _sha(env["npz"])
-    assert built["toy-tgz"].manifest["source"]["sha256"] == _sha(env["tgz"])
+    assert built["toy-npz"].manifest["source"]["sha256"] == sha256_of(env["npz"])
+    assert built["toy-tgz"].manifest["source"]["sha256"] == sha256_of(env["tgz"])
     # The folder hash covers the relative paths and the bytes of each file.
     h = hashlib.sha256()
     for rel in sorted(str(p.relative_to(env["folder"])) for p in env["folder"].rglob("*.png")):
@@ -113,7 +104,7 @@ def test_build_from_folder_npz_and_tar_records_manifest_and_exact_statistics(env
 def test_build_from_cifar_pickles_with_restricted_unpickler(env, tmp_path):
     d = tmp_path / "cifar-10-batches-py"
     d.mkdir()
-    x = _smooth(5, 32, 3)
+    x = smooth_images(5, 32, 3)
     with open(d / "test_batch", "wb") as fh:  # the real files are protocol-2 pickles of a dict
         pickle.dump({"batch_label": "testing batch 1 of 1", "labels": [0, 1, 2, 3, 4],
                      "data": x.reshape(5, 3072), "filenames": [f"{i}.png" for i in range(5)]}, fh, protocol=2)
@@ -122,7 +113,7 @@ def test_build_from_cifar_pickles_with_restricted_unpickler(env, tmp_path):
     assert r.exit_code == 0, r.output
     ref = M.resolve_reference("toy-cifar10-test", "cifarnet", cache_dir=env["store"])
     assert ref.manifest["source"]["kind"] == "cifar10-pickles" and ref.manifest["num_images"] == 5
-    assert ref.manifest["source"]["sha256"] == _sha(d / "test_batch")
+    assert ref.manifest["source"]["sha256"] == sha256_of(d / "test_batch")
     direct = M.compute_reference_stats(x, "cifarnet", use_cache=False)
     for layer in ("pool", "spatial"):
         np.testing.assert_allclose(ref.stats.mu[layer], direct.mu[layer], rtol=1e-9, atol=1e-9)
@@ -155,7 +146,7 @@ def test_import_adm_and_clean_fid_statistics_record_provenance(env, tmp_path):
     with pytest.warns(UserWarning, match="TF Inception graph"):  # random weights are not the published port
         ref = M.resolve_reference("toy-adm", "inception", env["weights"], cache_dir=env["store"])
     m = ref.manifest
-    assert m["provenance"] == "imported:adm" and m["source"]["sha256"] == _sha(adm) and m["num_images"] == 3
+    assert m["provenance"] == "imported:adm" and m["source"]["sha256"] == sha256_of(adm) and m["num_images"] == 3
     assert m["source"]["path"] == str(adm.resolve()) and "TF Inception" in m["network"]
     assert Path(ref.path).name == "inception-imported.npz" and m["kid_features"] == 0
     # ADM flattens [17, 17, 7] (h, w, c); ours is [7, 17, 17] (c, h, w): ours[c*289 + h*17 + w] = adm[(h*17+w)*7 + c]
@@ -229,7 +220,7 @@ def test_pickle_payload_as_inception_weights_does_not_execute(env, tmp_path, mon
     torch.save({"Conv2d_1a_3x3.conv.weight": _Payload(target)}, zipped)
     not_tensors = tmp_path / "numbers.pth"
     torch.save({"fc.weight": 1.0}, not_tensors)
-    x = _smooth(2, 64, 0)
+    x = smooth_images(2, 64, 0)
     for bad in (plain, zipped, not_tensors):
         for call in (lambda bad=bad: M.validate_inception_weights(bad),
                      lambda bad=bad: M.check_extractor("inception", str(bad), 64),
@@ -248,7 +239,7 @@ def test_pickle_payload_as_inception_weights_does_not_execute(env, tmp_path, mon
 def test_inception_metrics_on_64_and_256_px_samples_are_finite(env, built):
     ref = built["toy-folder"]
     for size, n in ((64, 6), (256, 4)):
-        x = _smooth(n, size, 10 + size)
+        x = smooth_images(n, size, 10 + size)
         feats = M.sample_features(x, "inception", inception_weights=env["weights"], batch_size=4)
         assert set(feats) == set(M.INCEPTION_FEATURES)
         assert feats["inception/spatial"].shape == (n, 2023)
@@ -265,7 +256,7 @@ def test_inception_metrics_on_64_and_256_px_samples_are_finite(env, built):
 
 
 def test_cifarnet_refuses_64_px_with_one_line(env):
-    x = _smooth(4, 64, 0)
+    x = smooth_images(4, 64, 0)
     for call in (lambda: M.compute_metrics(x), lambda: M.sample_features(x),
                  lambda: M.check_extractor("cifarnet", None, 64)):
         with pytest.raises(M.MetricSetupError, match="CifarNet takes 32x32") as e:
@@ -293,12 +284,12 @@ def test_check_reference_is_fast_and_names_the_fix(env, tmp_path, monkeypatch):
     with pytest.raises(M.MetricSetupError, match="no Inception weights"):
         M.check_extractor("inception", None, 256)
     shipped = M.check_reference("cifar10-test", "cifarnet")
-    assert shipped.name == "cifar10-test" and shipped.sha256 == _sha(shipped.path) and shipped._stats is None
+    assert shipped.name == "cifar10-test" and shipped.sha256 == sha256_of(shipped.path) and shipped._stats is None
     assert time.perf_counter() - t < 1.0
 
 
 def test_default_reference_is_the_shipped_cifar10_test(env):
-    x = _smooth(8, 32, 5)
+    x = smooth_images(8, 32, 5)
     feats = M.sample_features(x, clean_fid=False)
     default = M.metrics_from_features(feats, kid_subsets=5)
     assert M.metrics_from_features(feats, reference="cifar10-test", kid_subsets=5) == default

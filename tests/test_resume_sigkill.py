@@ -9,11 +9,11 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers_kill import kill_mid_sampling
 from mlflow.tracking import MlflowClient
 
 from harness.shards import SHARD_SIZE, ShardStore
@@ -37,25 +37,8 @@ def test_sigkill_then_resume(tmp_path: Path) -> None:
     out = tmp_path / "sweep"
     proc = subprocess.Popen(_cmd(out), env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             start_new_session=True)
-    rtn_dir = None
-    done_at_kill = None
-    deadline = time.monotonic() + 240
-    try:
-        while time.monotonic() < deadline and proc.poll() is None:
-            dirs = list((out / "runs" / "tiny-random").glob("rtn-w8a8-*")) if out.exists() else []
-            if dirs:
-                store = ShardStore(dirs[0] / "samples", NUM)
-                done = [k for k in range(store.num_shards) if store.is_done(k)]
-                if 1 <= len(done) < store.num_shards:
-                    os.killpg(proc.pid, signal.SIGKILL)  # the driver and anything it started
-                    proc.wait(timeout=30)
-                    rtn_dir, done_at_kill = dirs[0], done
-                    break
-            time.sleep(0.02)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+    killed = kill_mid_sampling(proc, out / "runs" / "tiny-random", "rtn-w8a8-*", NUM, timeout=240)
+    rtn_dir, done_at_kill = killed if killed else (None, None)
     assert rtn_dir is not None, "the sweep ended before it could be killed mid-sampling: " + \
         (proc.stdout.read().decode()[-2000:] if proc.stdout else "")
     assert proc.returncode == -signal.SIGKILL
