@@ -158,6 +158,11 @@ def check_metrics(specs: list[RunSpec], options: PreflightOptions) -> None:
         raise PreflightError(problem)
 
 
+def scoring_networks(spec: RunSpec, inception_weights: str | None) -> list[str]:
+    """The feature networks a run is scored with: its spec's, plus Inception whenever weights are given."""
+    return [spec.extractor] + (["inception"] if inception_weights and spec.extractor != "inception" else [])
+
+
 def metric_problems(specs: list[RunSpec], inception_weights: str | None) -> list[str]:
     """One line per (model, extractor, reference) a run could not be scored with; no features are computed.
 
@@ -166,7 +171,7 @@ def metric_problems(specs: list[RunSpec], inception_weights: str | None) -> list
 
     problems, seen = [], set()
     for spec in specs:
-        nets = [spec.extractor] + (["inception"] if inception_weights and spec.extractor != "inception" else [])
+        nets = scoring_networks(spec, inception_weights)
         for net in nets:
             key = (net, spec.reference, resolution(spec), spec.model)
             if key in seen:

@@ -189,10 +189,10 @@ def score(spec: RunSpec, opts: RunOptions, model, schedule, denoiser, images: np
 def reference_record(spec: RunSpec, opts: RunOptions) -> dict:
     """Name, sha256 and provenance of the reference statistics each of the run's networks scores against."""
     from harness.metrics import resolve_reference
+    from harness.preflight import scoring_networks
 
-    nets = [spec.extractor] + (["inception"] if opts.inception_weights and spec.extractor != "inception" else [])
     return {net: resolve_reference(spec.reference or "cifar10-test", net, opts.inception_weights).describe()
-            for net in nets}
+            for net in scoring_networks(spec, opts.inception_weights)}
 
 
 def record_failure(results: dict, error: BaseException) -> None:
