@@ -90,6 +90,8 @@ def main() -> None:
 @click.option("--protocol", default="smoke", show_default=True, help="smoke | paper")
 @click.option("--preset", default=None, help="paper | fast (default: the protocol's)")
 @click.option("--scope", default="uniform", show_default=True, help="uniform | paper: which layers are quantized")
+@click.option("--method-args", "method_args", multiple=True, metavar="METHOD:KEY=VALUE,...",
+              help="override config fields of one method (repeatable), e.g. adpdm:lr=0; the row shows adpdm[lr=0.0]")
 @click.option("--num-samples", type=int, default=None, help="override the protocol's sample count")
 @click.option("--steps", type=int, default=None, help="override the protocol's sampler steps")
 @click.option("--model-path", type=click.Path(), default=None, help="a local diffusers pipeline directory")
@@ -114,13 +116,13 @@ def main() -> None:
 @click.option("--slurm-parallelism", type=int, default=16, show_default=True, help="slurm: array jobs at once")
 def run(methods_, models, bits, seeds, protocol, preset, scope, num_samples, steps, model_path, out, device,
         batch_size, tracking_uri, inception_weights, executor, slurm_partition, slurm_time, slurm_gpus,
-        slurm_parallelism, lpips_weights=None, reference=None, captions=None, clip_model=None) -> None:
+        slurm_parallelism, lpips_weights=None, reference=None, captions=None, clip_model=None, method_args=()) -> None:
     """Run every method x model x bit-width under one protocol; resume what is done."""
     try:
         with HeldWarnings() as held:
             _run(methods_, models, bits, seeds, protocol, preset, scope, num_samples, steps, model_path, out, device,
                  batch_size, tracking_uri, inception_weights, executor, slurm_partition, slurm_time, slurm_gpus,
-                 slurm_parallelism, lpips_weights, reference, captions, clip_model, held)
+                 slurm_parallelism, lpips_weights, reference, captions, clip_model, held, method_args)
     except KeyboardInterrupt:
         _fail("interrupted: complete runs and sample shards are kept; rerun the same command to resume",
               EXIT_INTERRUPTED)
@@ -129,7 +131,7 @@ def run(methods_, models, bits, seeds, protocol, preset, scope, num_samples, ste
 def _run(methods_, models, bits, seeds, protocol, preset, scope, num_samples, steps, model_path, out, device,
          batch_size, tracking_uri, inception_weights, executor, slurm_partition, slurm_time, slurm_gpus,
          slurm_parallelism, lpips_weights=None, reference=None, captions=None, clip_model=None,
-         held: HeldWarnings | None = None) -> None:
+         held: HeldWarnings | None = None, method_args=()) -> None:
     from harness.preflight import PreflightError, PreflightOptions, parse_device, preflight
     from harness.runner import RunOptions
     from harness.spec import SpecError, expand
@@ -156,7 +158,7 @@ def _run(methods_, models, bits, seeds, protocol, preset, scope, num_samples, st
                        "(no model_index.json or unet/): save one with pipeline.save_pretrained(DIR)")
     try:
         specs = expand(methods_, models, bits, seed_list, protocol, preset, scope, num_samples, steps, model_path,
-                       reference, captions)
+                       reference, captions, method_args)
     except SpecError as e:
         raise BadInput(str(e)) from None
     if inception_weights:

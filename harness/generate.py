@@ -20,8 +20,12 @@ from models.loading import LoadedModel
 
 
 def make_schedule(model: LoadedModel, steps: int, spacing: str, clip_sample: bool | None = None) -> Schedule:
+    """The sampler's view of the model's scheduler; ``clip_sample`` (the protocol's, RunSpec.clip_sample)
+    overrides the scheduler config's, for the DDIM loop and for the DDPM scheduler's own step alike."""
     sched = model.scheduler
     clip = sched.config.clip_sample if clip_sample is None else clip_sample
+    if sched.config.get("clip_sample") is not None and sched.config.clip_sample != clip:
+        sched = type(sched).from_config({**sched.config, "clip_sample": clip})
     ts = make_timesteps(sched.config.num_train_timesteps, steps, spacing)
     return Schedule(tuple(ts), sched.alphas_cumprod.clone(), bool(clip), scheduler=sched)
 

@@ -28,7 +28,7 @@ from harness.leaderboard import (
     headlines,
 )
 from harness.metrics.registry import direction, direction_label
-from harness.results import discover
+from harness.results import discover, method_label
 
 PLOT_METRICS = 6  # per (model, protocol): the first N metrics in leaderboard order
 
@@ -143,7 +143,8 @@ def sample_grids(out: Path) -> dict[tuple[str, str], list[tuple[str, Path]]]:
         if not grid.is_file():
             continue
         s = run.spec
-        label = f"{s['method']} {s['bits']} seed {s['seed']}" + (f" ({s['scope']})" if s["scope"] != "uniform" else "")
+        label = f"{method_label(s)} {s['bits']} seed {s['seed']}"
+        label += f" ({s['scope']})" if s["scope"] != "uniform" else ""
         slot = found.setdefault((s["model"], s["protocol"]), {})
         if label not in slot or run.mtime > slot[label][0]:
             slot[label] = (run.mtime, grid)

@@ -2,8 +2,9 @@
 
 The leaderboard (Markdown, CSV, HTML) and ``bench regress`` read runs only through this module:
 
-* :data:`KEY_FIELDS` / :func:`run_key`: the stable key of a run (model, protocol, method, bits, seed,
-  preset, scope; *not* the config hash, so a changed method configuration replaces the run it changes);
+* :data:`KEY_FIELDS` / :func:`run_key`: the stable key of a run (model, protocol, method (with its
+  ``[variant]``), bits, seed, preset, scope; *not* the config hash, so a changed method configuration
+  replaces the run it changes);
 * :func:`discover`: every readable ``results.json`` under OUT, the newest (by file time) per key;
   a file that is not JSON, not an object, or lacks the key fields is skipped, never fatal;
 * :func:`long_table`: the pandas view, one row per (run, metric), with ``time/<timing>`` rows;
@@ -32,7 +33,14 @@ RESULTS, FEATURES, BOOTSTRAP = "results.json", "features.npz", "bootstrap.npz"
 LONG_COLUMNS = [*KEY_FIELDS, "metric", "value"]
 
 
+def method_label(spec: dict) -> str:
+    """``method``, or ``method[variant]`` for a ``--method-args`` variant (harness/method_args.py)."""
+    return f"{spec['method']}[{spec['variant']}]" if spec.get("variant") else spec["method"]
+
+
 def run_key(spec: dict) -> tuple[str, ...]:
+    """The key of a run; its ``method`` is the :func:`method_label`, so a variant is a row of its own."""
+    spec = {**spec, "method": method_label(spec)}
     return tuple(str(spec.get(k) or KEY_DEFAULTS[k]) if k in KEY_DEFAULTS else str(spec[k]) for k in KEY_FIELDS)
 
 

@@ -206,7 +206,7 @@ def load_stage(spec: RunSpec, opts: RunOptions):
     """The spec's FP model, its sampling schedule and its calibration trajectory bank."""
     torch.manual_seed(spec.seed)
     model = load_model(_model_spec(spec), spec.model_path, opts.device, captions=spec.captions)
-    schedule = make_schedule(model, spec.steps, spec.spacing)
+    schedule = make_schedule(model, spec.steps, spec.spacing, clip_sample=spec.clip_sample)
     return model, schedule, _bank(model, schedule, spec, opts)
 
 

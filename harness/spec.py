@@ -14,12 +14,15 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import methods
+from harness import method_args as method_args_mod
+from harness.results import method_label
 from methods.base import PRESETS, BitConfig
 from methods.registry import UnknownMethodError
 from models.registry import ModelSpec, at_path, get_model, local_model
 
 SPEC_VERSION = 1
-OPTIONAL_FIELDS = ("captions", "captions_sha256")  # omitted from to_dict (and the hash) when None
+# Omitted from to_dict (and the hash) when None, so specs from before a field existed keep their hash.
+OPTIONAL_FIELDS = ("captions", "captions_sha256", "variant", "clip_sample")
 CAPTIONS_ENV = "DMQBENCH_CAPTIONS"  # models.latent.CAPTIONS_ENV: the caption file when --captions is not given
 FP_BITS = "fp"
 DEFAULT_BITS = ("w8a8", "w4a8")
@@ -67,6 +70,18 @@ class RunSpec:
     # names the prompts. Left out of to_dict (and the hash) when None: other specs keep their hash.
     captions: str | None = None
     captions_sha256: str | None = None
+    # --method-args overrides as canonical "key=value,..." (harness/method_args.py); the values themselves
+    # are in method_config. None (left out of the hash) for a method's preset as it is.
+    variant: str | None = None
+    # Whether the sampler clips its x0 prediction to [-1, 1] (the protocol's, models/registry.py
+    # ModelSpec.clip_sample). None only for a local directory without a readable scheduler config:
+    # the loaded scheduler's value then applies.
+    clip_sample: bool | None = None
+
+    @property
+    def label(self) -> str:
+        """The method as tables show it: ``adpdm``, or ``adpdm[lr=0.0]`` for a variant."""
+        return method_label(self.to_dict())
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -86,7 +101,7 @@ class RunSpec:
 
     def fp_reference(self) -> RunSpec:
         """The FP run this run's paired metrics compare against (same model, protocol, seeds)."""
-        return replace(self, method="fp", bits=FP_BITS, scope="uniform", method_config={}, preset=self.preset)
+        return replace(self, method="fp", bits=FP_BITS, scope="uniform", method_config={}, variant=None)
 
     @classmethod
     def from_dict(cls, d: dict) -> RunSpec:
@@ -158,6 +173,20 @@ def file_sha256(path: str | Path) -> str | None:
     return h.hexdigest()
 
 
+def resolve_clip_sample(model: ModelSpec) -> bool | None:
+    """The protocol's x0 clipping: the zoo's value, else a local directory's ``scheduler_config.json``."""
+    if model.clip_sample is not None:
+        return model.clip_sample
+    if model.source != "local" or not model.location:
+        return None
+    try:
+        cfg = json.loads((Path(model.location) / "scheduler" / "scheduler_config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    value = cfg.get("clip_sample", True) if isinstance(cfg, dict) else None  # diffusers' DDIM/DDPM default
+    return value if isinstance(value, bool) else None
+
+
 def is_text_conditional(model: ModelSpec) -> bool:
     """A text-to-image model: the zoo says so, or its local pipeline directory has a text encoder."""
     if model.conditioning == "text":
@@ -204,6 +233,7 @@ def expand(
     model_path: str | None = None,
     reference: str | None = None,
     captions: str | None = None,
+    method_args: list[str] | tuple[str, ...] | None = None,
 ) -> list[RunSpec]:
     """Expand a sweep into run specs; raise :class:`SpecError` before anything runs on bad input.
 
@@ -214,6 +244,8 @@ def expand(
     the paired metrics of every quantized run compare against its samples. Repeated entries
     (``--bits w8a8,w8a8``, ``--seeds 0,0``) are one run: the list has no two specs with one hash.
     ``num_samples``/``steps`` of ``None`` take the protocol's (or the model's) value; 0 or less is an error.
+    ``method_args`` (``--method-args METHOD:key=value,...`` entries) override config fields of the methods
+    they name, validated here against each config dataclass; those specs carry the ``variant`` label.
     """
     for flag, value in (("--num-samples", num_samples), ("--steps", steps)):
         if value is not None and value < 1:
@@ -229,6 +261,14 @@ def expand(
     method_names = resolve_methods(method_text)
     models = resolve_models(model_text if model_text or model_path else "tiny-cifar10", model_path)
     bit_list = resolve_bits(bits_text)
+    try:
+        overrides = method_args_mod.parse(method_args)
+    except method_args_mod.MethodArgsError as e:
+        raise SpecError(str(e)) from None
+    for name in overrides:
+        if name not in method_names or not methods.get(name).quantizes:
+            raise SpecError(f"--method-args names {name!r}, which this sweep does not quantize with: "
+                            f"add it to --methods ({', '.join(method_names)}) or drop its entry")
     if not bit_list:
         raise SpecError("no bit-widths given: pass e.g. --bits w8a8,w4a8")
     seeds = list(dict.fromkeys(seeds)) if seeds else [0]
@@ -246,7 +286,7 @@ def expand(
                           num_samples=n, steps=s, spacing=model.spacing, eta=model.eta, sampler=model.sampler,
                           extractor=model.extractor, model_path=model.location if model.source == "local" else None,
                           reference=reference or model.reference, captions=caption_path,
-                          captions_sha256=caption_sha)
+                          captions_sha256=caption_sha, clip_sample=resolve_clip_sample(model))
             fp = RunSpec(method="fp", bits=FP_BITS, scope="uniform", **common)
             specs.append(fp)
             for name in method_names:
@@ -254,8 +294,14 @@ def expand(
                 if not cls.quantizes:
                     continue
                 for bits in bit_list:
-                    cfg = cls.config_cls.from_preset(common["preset"]).to_dict()
-                    specs.append(RunSpec(method=name, bits=bits, scope=scope, method_config=cfg, **common))
+                    cfg, variant = cls.config_cls.from_preset(common["preset"]).to_dict(), None
+                    if name in overrides:
+                        try:
+                            cfg, variant = method_args_mod.apply(name, cls.config_cls, cfg, overrides[name])
+                        except method_args_mod.MethodArgsError as e:
+                            raise SpecError(str(e)) from None
+                    specs.append(RunSpec(method=name, bits=bits, scope=scope, method_config=cfg, variant=variant,
+                                         **common))
     unique: dict[str, RunSpec] = {}
     for spec in specs:  # e.g. one local model named twice: first occurrence wins
         unique.setdefault(spec.config_hash, spec)

@@ -30,6 +30,7 @@ from typing import Any
 import mlflow
 from mlflow.tracking import MlflowClient
 
+from harness.results import method_label
 from harness.shards import DiskFullError
 
 RESULTS = "results.json"
@@ -283,6 +284,8 @@ class Tracker:
         if run_id is None:
             tags = {"kind": "run", "config_hash": config_hash, "mlflow.parentRunId": self.parent_id}
             tags.update({k: str(spec[k]) for k in ("method", "model", "bits", "seed", "protocol", "preset", "scope")})
+            if spec.get("variant"):
+                tags["variant"] = spec["variant"]
             run_id = self.client.create_run(self.experiment_id, run_name=spec_label(spec), tags=tags).info.run_id
             params: dict[str, str] = {}
             _flatten("", {k: v for k, v in spec.items() if k != "method_config"}, params)
@@ -322,4 +325,4 @@ def _digest(metrics: dict) -> str:
 
 
 def spec_label(spec: dict) -> str:
-    return f"{spec['method']}-{spec['bits']}-{spec['model']}-s{spec['seed']}"
+    return f"{method_label(spec)}-{spec['bits']}-{spec['model']}-s{spec['seed']}"

@@ -31,6 +31,9 @@ class ModelSpec:
     reference: str = "cifar10-test"  # reference statistics for the metrics
     extractor: str = "cifarnet"
     num_samples: int = 50_000  # the paper protocol's sample count
+    # DDIM/DDPM clip the predicted x0 to [-1, 1]: the papers' samplers decide, not the scheduler file
+    # (Q-Diffusion's and APQ-DM's generalized_steps do not clip). None: the scheduler config's clip_sample.
+    clip_sample: bool | None = None
     description: str = ""
     random_init: bool = False  # True: weights are random; numbers only test plumbing
     random_config: dict = field(default_factory=dict, hash=False, compare=False)
@@ -78,21 +81,21 @@ def register_model(spec: ModelSpec) -> ModelSpec:
 
 
 register_model(ModelSpec(
-    "tiny-cifar10", "embedded", "tiny-cifar10", steps=100, spacing="quad",
+    "tiny-cifar10", "embedded", "tiny-cifar10", steps=100, spacing="quad", clip_sample=True,
     description="Embedded 1.5M-param DDPM trained by this project on CIFAR-10 (models/assets/tiny-cifar10/README.md)",
 ))
 register_model(ModelSpec(
-    "tiny-random", "random", steps=10, spacing="uniform", resolution=32, num_samples=64,
+    "tiny-random", "random", steps=10, spacing="uniform", resolution=32, num_samples=64, clip_sample=True,
     description="RANDOM-INIT miniature UNet2DModel (ddpm-cifar10-32 block types); for tests only",
     random_init=True, random_config=TINY_RANDOM_UNET,
 ))
 register_model(ModelSpec(
-    "tiny-cifar10-random", "random", steps=100, spacing="quad",
+    "tiny-cifar10-random", "random", steps=100, spacing="quad", clip_sample=True,
     description="RANDOM-INIT tiny-cifar10 architecture: the untrained baseline its FP scores are compared with",
     random_init=True, random_config=TINY_UNET_CONFIG,
 ))
 register_model(ModelSpec(
-    "ddpm-cifar10", "hub", "google/ddpm-cifar10-32", steps=100, eta=0.0, spacing="quad",
+    "ddpm-cifar10", "hub", "google/ddpm-cifar10-32", steps=100, eta=0.0, spacing="quad", clip_sample=False,
     description="DDPM CIFAR-10 (Ho et al. 2020) via diffusers; DDIM 100, eta 0, quad (Q-Diffusion, APQ-DM)",
 ))
 

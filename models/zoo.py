@@ -73,37 +73,44 @@ register_model(replace(
 register_model(ModelSpec(
     "ddpm-church", "hub", "google/ddpm-church-256", steps=100, eta=0.0, spacing="uniform", resolution=256,
     reference="lsun-church-train", extractor="inception",
+    clip_sample=False,  # the papers' DDIM/PLMS code does not clip x0
     description="DDPM LSUN-Church 256 (pixel) via diffusers; DDIM 100, eta 0 (DDIM-port setting of APQ-DM)",
 ))
 register_model(ModelSpec(
     "ddpm-bedroom", "hub", "google/ddpm-bedroom-256", steps=100, eta=0.0, spacing="uniform", resolution=256,
     reference="lsun-bedroom-train", extractor="inception",
+    clip_sample=False,  # the papers' DDIM/PLMS code does not clip x0
     description="DDPM LSUN-Bedroom 256 (pixel) via diffusers; DDIM 100, eta 0 (DDIM-port setting of APQ-DM)",
 ))
 register_model(ModelSpec(
     "ldm-celebahq", "hub", "CompVis/ldm-celebahq-256", pipeline="latent", steps=500, eta=0.0, spacing="uniform",
     resolution=256, reference="celebahq-256", extractor="inception",
+    clip_sample=False,  # the papers' DDIM/PLMS code does not clip x0
     description="LDM-4 CelebA-HQ 256 (VQ-f4) via diffusers LDMPipeline; DDIM 500, eta 0 (LDM paper Table 1)",
 ))
 register_model(ModelSpec(
     "ldm-lsun-bedroom", "local", "", pipeline="latent", steps=200, eta=1.0, spacing="uniform", resolution=256,
     reference="lsun-bedroom-train", extractor="inception",
+    clip_sample=False,  # the papers' DDIM/PLMS code does not clip x0
     description=f"LDM-4 LSUN-Bedroom 256 (VQ-f4); DDIM 200, eta 1.0 (Q-Diffusion, TFMQ-DM, PTQD); {_CONVERT}",
 ))
 register_model(ModelSpec(
     "ldm-lsun-church", "local", "", pipeline="latent", steps=400, eta=0.0, spacing="uniform", resolution=256,
     reference="lsun-church-train", extractor="inception",
+    clip_sample=False,  # the papers' DDIM/PLMS code does not clip x0
     description=f"LDM-8 LSUN-Church 256 (KL-f8); DDIM 400, eta 0 (Q-Diffusion, TFMQ-DM); {_CONVERT}",
 ))
 register_model(ModelSpec(
     "ldm-imagenet", "local", "", pipeline="latent", conditioning="class", steps=20, eta=0.0, spacing="uniform",
     guidance_scale=3.0, resolution=256, reference="imagenet-256-50-per-class", extractor="inception",
+    clip_sample=False,  # the papers' DDIM/PLMS code does not clip x0
     description=f"LDM-4 ImageNet 256 cin256-v2 (VQ-f4, class-cond.); DDIM 20, eta 0, cfg 3.0 (TFMQ-DM); {_CONVERT}",
 ))
 register_model(ModelSpec(
     "sd-v1-4", "hub", "CompVis/stable-diffusion-v1-4", pipeline="latent", conditioning="text", sampler="plms",
     steps=50, eta=0.0, spacing="uniform", guidance_scale=7.5, resolution=512, num_samples=30_000,
     reference="coco-val2014", extractor="inception",
+    clip_sample=False,  # the papers' DDIM/PLMS code does not clip x0
     description="Stable Diffusion v1.4 (KL-f8, CLIP text); PLMS 50, cfg 7.5, COCO captions (TFMQ-DM, Q-Diffusion)",
 ))
 

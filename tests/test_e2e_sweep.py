@@ -64,6 +64,28 @@ def test_rerun_does_no_new_work_and_no_duplicates(sweep):
     assert len(mlflow.search_runs(experiment_names=["dmqbench-smoke"], filter_string="tags.kind = 'run'")) == 3
 
 
+def test_method_args_variant_is_a_row_of_its_own(sweep, tmp_path):
+    """--method-args end to end: recorded in the spec and hash, calibrates differently, shown as rtn[...]."""
+    out, _ = sweep
+    result = _bench("run", "--methods", "rtn", *ARGS, "--bits", "w4a8", "--method-args", "rtn:calib_images=2",
+                    "--out", str(out))
+    assert result.exit_code == 0, result.output
+    assert "1 ran, 1 already complete" in result.output  # FP reused; the variant is a new run
+    every = [json.loads(f.read_text()) for f in out.glob("runs/tiny-random/*/results.json")]
+    runs = {(r["spec"].get("variant"), r["spec"]["bits"]): r for r in every if r["spec"]["method"] == "rtn"}
+    variant, plain = runs[("calib_images=2", "w4a8")], runs[(None, "w4a8")]
+    assert variant["spec"]["method_config"]["calib_images"] == 2 != plain["spec"]["method_config"]["calib_images"]
+    assert variant["config_hash"] != plain["config_hash"]
+    # fewer calibration trajectories -> other activation ranges -> other samples
+    assert variant["metrics"]["paired/mse"] != plain["metrics"]["paired/mse"]
+    mlflow.set_tracking_uri(f"sqlite:///{out / 'mlflow.db'}")
+    tagged = mlflow.search_runs(experiment_names=["dmqbench-smoke"], filter_string="tags.variant = 'calib_images=2'")
+    assert len(tagged) == 1
+    result = _bench("leaderboard", "--out", str(out), "--dest", str(tmp_path))
+    assert result.exit_code == 0, result.output
+    assert set(pd.read_csv(tmp_path / "leaderboard.csv")["method"]) == {"fp", "rtn", "rtn[calib_images=2]"}
+
+
 def test_leaderboard_writes_markdown_and_csv(sweep, tmp_path):
     out, _ = sweep
     result = _bench("leaderboard", "--out", str(out), "--dest", str(tmp_path))
@@ -71,7 +93,7 @@ def test_leaderboard_writes_markdown_and_csv(sweep, tmp_path):
     md = (tmp_path / "leaderboard.md").read_text()
     assert "## tiny-random" in md and "`fid/cifarnet`" in md and "| rtn" in md and "w4a8" in md
     csv = pd.read_csv(tmp_path / "leaderboard.csv")
-    assert set(csv["method"]) == {"fp", "rtn"}
+    assert {"fp", "rtn"} <= set(csv["method"])
     assert "| fp" in result.output
 
 
@@ -83,6 +105,9 @@ def test_leaderboard_writes_markdown_and_csv(sweep, tmp_path):
         (["--methods", "rtn", "--models", "nosuch"], "Known models"),
         (["--methods", "rtn", "--protocol", "nosuch"], "unknown protocol"),
         (["--methods", "rtn", "--inception-weights", "/no/such/weights.pth"], "/no/such/weights.pth"),
+        (["--methods", "rtn", "--method-args", "rtn:calib_imgs=4"], "did you mean calib_images?"),
+        (["--methods", "rtn", "--method-args", "rtn:calib_images=four"], "expected int"),
+        (["--methods", "rtn", "--method-args", "tdq:hidden=4"], "add it to --methods"),
     ],
 )
 def test_bad_input_exits_2_and_writes_nothing(tmp_path, args, message):
