@@ -27,7 +27,7 @@ Deviations (each in docs/methods/qdiffusion.md): diffusers blocks as reconstruct
 execution order, in eval mode (no dropout); the AdaRound regulariser covers both halves of a split
 layer; ``--running_stat`` (bedroom, SD) and SD's cond+uncond doubling are not implemented; the
 ``max`` init widens a range to contain 0; the ``fast`` preset runs one joint 80-iteration pass
-(AdaRound lr 1e-2, ``w_init="mse"``, LSQ lr 0) on 32 x 10 samples.
+(AdaRound lr 1e-2, ``w_init="mse"``, LSQ lr 0, asymmetric activations) on 32 x 10 samples.
 """
 
 from __future__ import annotations
@@ -87,7 +87,8 @@ class QDiffusionConfig(MethodConfig):
     """Q-Diffusion hyperparameters. Fields left at None take the official value of the model's family
     (:data:`FAMILIES`, resolved once from the model spec and stored in the run's structure).
     ``paper``: every official value; ``fast``: a CPU run (32 images x 10 steps, 64 cached recon samples,
-    one joint 80-iteration pass per unit at batch 8, ``w_init="mse"``, AdaRound lr 1e-2, LSQ lr 0)."""
+    one joint 80-iteration pass per unit at batch 8, ``w_init="mse"``, AdaRound lr 1e-2, LSQ lr 0,
+    asymmetric activations)."""
 
     family: str = "auto"  # a FAMILIES key, or "auto": from the model spec's name
     calib_images: int | None = None  # FP trajectories (--cali_n)
@@ -120,9 +121,11 @@ class QDiffusionConfig(MethodConfig):
 
     # a_lr=0 in ``fast``: in 80 Adam iterations lr 4e-4 moves an 8-bit activation step by more than its
     # own size (results/README.md); the paper preset keeps LSQ at 4e-4 for 5k iterations.
+    # a_symmetric=False in ``fast``: without LSQ nothing shrinks the symmetric min-max softmax step
+    # (max/127), which rounds most 16x16-attention probabilities (about 1/256) to 0 (results/README.md).
     PRESETS = {"paper": {}, "fast": {"calib_images": 32, "calib_steps": 10, "joint": True, "joint_iters": 80,
                                      "batch_size": 8, "recon_samples": 64, "w_init": "mse", "w_lr": 1e-2,
-                                     "a_lr": 0.0}}
+                                     "a_lr": 0.0, "a_symmetric": False}}
 
     def __post_init__(self) -> None:
         if self.family != "auto" and self.family not in FAMILIES:

@@ -144,3 +144,21 @@ def test_end_to_end_tiny_random(model, tmp_path):
     with torch.no_grad():
         out = d(torch.randn(2, 3, 32, 32), torch.tensor([3, 700]))
     assert torch.isfinite(out).all()
+
+
+def test_fast_preset_softmax_grid_keeps_small_probabilities(model):
+    """fast (no LSQ to shrink the step): asymmetric, so a 16x16 attention's uniform 1/256 probabilities
+    survive (step 1/255 -> 1/255); the paper preset's symmetric grid (step 1/127) rounds them to 0."""
+    from methods.envelope import build
+
+    probs = torch.cat([torch.full((1, 255), 1 / 256), torch.ones(1, 1)], dim=1)  # range [0, 1]
+    out = {}
+    for preset in ("fast", "paper"):
+        cfg = QDiffusionConfig.from_preset(preset)
+        d = model.denoiser.with_unet(copy.deepcopy(model.denoiser.unet))
+        build(QDiffusion(cfg), d, BitConfig.parse("w8a8"), UNIFORM,
+              {"splits": {}, "settings": {"family": "ddim", **cfg.settings("ddim")}})
+        q = next(iter(attention_processors(d.unet).values())).probs_quantizer
+        q.init_range(probs, "minmax")
+        out[preset] = q(probs)[0, 0].item()
+    assert out["fast"] == pytest.approx(1 / 255) and out["paper"] == 0.0
