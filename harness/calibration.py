@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 
 import torch
@@ -23,6 +22,7 @@ from safetensors.torch import load_file, save_file
 
 from harness.sampling import SAMPLERS, Schedule, image_generators, per_image_randn
 from methods.base import Trajectories
+from models.atomic import atomic_path
 from models.denoiser import Denoiser
 from models.loading import LoadedModel
 
@@ -157,14 +157,13 @@ class TrajectoryBank:
         return Trajectories(d["x"], self.timesteps, d.get("cond"), d.get("eps"))
 
     def _save(self, traj: Trajectories) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         tensors = {"x": traj.x.contiguous(), "eps": traj.eps.contiguous()}
         if traj.cond is not None:
             tensors["cond"] = traj.cond.contiguous()
-        # a per-process temporary name: concurrent jobs of one array may extend the same bank
-        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-        save_file(tensors, str(tmp))
-        os.replace(tmp, self.path)  # atomic: a crash never leaves a half-written bank
+        # atomic, per-process temporary: a crash never leaves a half-written bank, and concurrent jobs
+        # of one array may extend the same bank
+        with atomic_path(self.path) as tmp:
+            save_file(tensors, str(tmp))
 
     def trajectories(self, n: int) -> Trajectories:
         have = self._load()

@@ -16,8 +16,6 @@ The leaderboard (Markdown, CSV, HTML) and ``bench regress`` read runs only throu
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import zipfile
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -25,6 +23,8 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+
+from models.atomic import atomic_path
 
 KEY_FIELDS = ("model", "protocol", "reference", "method", "bits", "seed", "preset", "scope")
 # Runs written before a key field existed: the value they were scored with.
@@ -125,15 +125,8 @@ def long_table(runs: Iterable[Run]) -> pd.DataFrame:
 
 # --------------------------------------------------------------------------- arrays kept beside results.json
 def _write_npz_atomic(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **{k.replace("/", "|"): np.asarray(v) for k, v in arrays.items()})
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp:
+        np.savez(tmp, **{k.replace("/", "|"): np.asarray(v) for k, v in arrays.items()})
 
 
 def _read_npz(path: Path) -> dict[str, np.ndarray] | None:

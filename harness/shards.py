@@ -15,7 +15,6 @@ naming the file and the bytes the run still needs; no partial file is left.
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import zipfile
@@ -23,35 +22,15 @@ from pathlib import Path
 
 import numpy as np
 
+from models.atomic import DiskFullError, atomic_path, write_text_atomic
+
+__all__ = ["DiskFullError", "CorruptShardError", "ShardStore", "SHARD_SIZE"]
+
 SHARD_SIZE = 64
-
-
-class DiskFullError(OSError):
-    """No space left writing ``path``; ``str(e)`` is one line naming the file and the bytes still needed."""
-
-    def __init__(self, path: str | Path, need_bytes: int, message: str | None = None) -> None:
-        self.path, self.need_bytes = Path(path), int(need_bytes)
-        if message is not None:  # the same error again, from its recorded text
-            super().__init__(errno.ENOSPC, message)
-            return
-        try:
-            st = os.statvfs(self.path.parent if self.path.parent.exists() else Path.cwd())
-            free = f", {_size(st.f_bavail * st.f_frsize)} free"
-        except OSError:
-            free = ""
-        super().__init__(errno.ENOSPC, f"disk full writing {self.path}: about {_size(self.need_bytes)} more needed"
-                         f"{free}; free space there, then rerun the same command to resume")
-
-    def __str__(self) -> str:
-        return self.strerror
 
 
 class CorruptShardError(OSError):
     """A shard file that does not load; it has been moved aside and is made again on the rerun."""
-
-
-def _size(n: int) -> str:
-    return f"{n / 2**20:,.1f} MiB" if n >= 2**20 else f"{n / 1024:,.0f} KiB"
 
 
 class ShardStore:
@@ -102,26 +81,16 @@ class ShardStore:
         lo, hi = self.shard_range(k)
         if images.dtype != np.uint8 or images.shape[0] != hi - lo:
             raise ValueError(f"shard {k} needs {hi - lo} uint8 images, got {images.shape} {images.dtype}")
-        tmp = self.path(k).with_name(f".tmp-{k:05d}-{os.getpid()}.npz")
-        try:
-            self.root.mkdir(parents=True, exist_ok=True)
+        per_image = images.nbytes // max(1, images.shape[0])
+        with atomic_path(self.path(k), need_bytes=(self.num_samples - lo) * per_image + 2**20) as tmp:
             np.savez(tmp, images=images, start=lo)
-            os.replace(tmp, self.path(k))
-            self._write_manifest()
-        except OSError as e:
-            tmp.unlink(missing_ok=True)
-            if e.errno == errno.ENOSPC:
-                per_image = images.nbytes // max(1, images.shape[0])
-                raise DiskFullError(self.path(k), (self.num_samples - lo) * per_image + 2**20) from None
-            raise
+        self._write_manifest()
 
     def _write_manifest(self) -> None:
         done = [k for k in range(self.num_shards) if self.is_done(k)]
         manifest = {"num_samples": self.num_samples, "shard_size": self.shard_size, "complete_shards": done,
                     "complete": len(done) == self.num_shards}
-        tmp = self.root / f".manifest-{os.getpid()}.tmp"
-        tmp.write_text(json.dumps(manifest, indent=1))
-        os.replace(tmp, self.root / "manifest.json")
+        write_text_atomic(self.root / "manifest.json", json.dumps(manifest, indent=1))
 
     @property
     def complete(self) -> bool:

@@ -33,9 +33,10 @@ from filelock import FileLock, Timeout
 from tqdm import tqdm
 
 from harness.runner import RunOptions, add_paired_metrics, is_complete, needs_paired, run_dir, run_one
-from harness.shards import DiskFullError, ShardStore
+from harness.shards import ShardStore
 from harness.spec import RunSpec
 from harness.tracking import RESULTS, Tracker, prepare_store, read_results
+from models.atomic import DiskFullError, write_text_atomic
 
 LOCK_NAME = ".bench.lock"
 OWNER_NAME = ".bench.lock.owner"
@@ -70,10 +71,8 @@ def sweep_lock(out: Path) -> Iterator[None]:
         raise SweepLocked(f"--out {out} is in use by another bench run ({who or 'pid unknown'}): wait for it to "
                           f"finish (rerunning then resumes), or pass another --out") from None
     try:
-        tmp = owner.with_name(f"{OWNER_NAME}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
-                                   "since": time.strftime("%Y-%m-%d %H:%M:%S")}))
-        os.replace(tmp, owner)
+        write_text_atomic(owner, json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                                             "since": time.strftime("%Y-%m-%d %H:%M:%S")}))
         yield
     finally:
         owner.unlink(missing_ok=True)

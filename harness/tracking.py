@@ -17,7 +17,6 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
-import os
 import platform
 import shutil
 import sqlite3
@@ -31,7 +30,7 @@ import mlflow
 from mlflow.tracking import MlflowClient
 
 from harness.results import method_label
-from harness.shards import DiskFullError
+from models.atomic import DiskFullError, write_text_atomic
 
 RESULTS = "results.json"
 PACKAGES = ("torch", "diffusers", "torch-fidelity", "clean-fid", "mlflow", "numpy", "dmqbench")
@@ -60,17 +59,7 @@ def git_revision() -> str:
 
 
 def write_json_atomic(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    text = json.dumps(data, indent=2, sort_keys=True, default=str)
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)  # no half-written temporary left behind; the old file is intact
-        if e.errno == errno.ENOSPC:
-            raise DiskFullError(path, len(text.encode())) from None
-        raise
+    write_text_atomic(path, json.dumps(data, indent=2, sort_keys=True, default=str))
 
 
 def read_results(run_dir: Path) -> dict[str, Any] | None:

@@ -31,6 +31,7 @@ from methods.quant.adaround import AdaRoundQuantizer
 from methods.quant.layers import QuantLayer
 from methods.quant.quantizer import UniformQuantizer
 from methods.quant.surgery import QuantSummary, Scope, freeze_all, quantize_modules
+from models.atomic import atomic_path
 from models.denoiser import Denoiser
 
 
@@ -138,12 +139,10 @@ def check_finite_state(root: nn.Module, what: str) -> None:
 # ---- persistence -------------------------------------------------------------------------------------
 def save_quantized(result: QuantResult, path: Path) -> None:
     """``state_dict`` as safetensors, the structure JSON in its metadata; written atomically."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
     # Cloned: safetensors refuses tensors that share storage (tied or aliased buffers).
     state = {k: v.detach().cpu().clone().contiguous() for k, v in module_of(result.denoiser).state_dict().items()}
-    save_file(state, str(tmp), metadata={"structure": json.dumps(result.structure)})
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        save_file(state, str(tmp), metadata={"structure": json.dumps(result.structure)})
 
 
 def load_quantized(method: QuantMethod, denoiser: Denoiser, bits: BitConfig, scope: Scope, path: Path,

@@ -48,6 +48,7 @@ from harness.metrics.extractors import (
     file_sha256,
     hub_inception_path,
 )
+from models.atomic import atomic_path, write_text_atomic
 
 ASSET_DIR = Path(models.__file__).resolve().parent / "assets"
 SHIPPED = {("cifarnet", "cifar10-test"): ASSET_DIR / "cifar10-test-cifarnet.npz"}
@@ -112,9 +113,8 @@ class RefStats:
             arrays[f"{k}/features"] = v
         meta = dict(self.meta, extractor=self.extractor, dataset=self.dataset)
         arrays["meta"] = np.array(json.dumps(meta, sort_keys=True))
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.npz")  # per process: concurrent jobs share caches
-        (np.savez_compressed if compress else np.savez)(tmp, **arrays)
-        tmp.replace(path)
+        with atomic_path(path) as tmp:  # per process: concurrent jobs share caches
+            (np.savez_compressed if compress else np.savez)(tmp, **arrays)
         self.path = str(path)
         return path
 
@@ -268,9 +268,7 @@ def write_entry(ref: RefStats, path: Path, manifest: dict) -> dict:
         layers={k: list(np.shape(v)) for k, v in ref.mu.items()},
         kid_features=int(len(next(iter(ref.features.values())))) if ref.features else 0,
     )
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(full, indent=1, sort_keys=True) + "\n")
-    tmp.replace(path.with_suffix(".json"))
+    write_text_atomic(path.with_suffix(".json"), json.dumps(full, indent=1, sort_keys=True) + "\n")
     return full
 
 
