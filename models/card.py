@@ -1,18 +1,104 @@
 """Model card of the embedded ``tiny-cifar10`` DDPM, rendered from its ``training.json`` and FP scores.
 
 ``python -m models.card`` rewrites ``models/assets/tiny-cifar10/README.md`` from the
-training facts and from ``evaluation.json`` (FP metrics of the trained model and of a
-random-init model of the same architecture, both under the smoke protocol).
+training facts, from ``evaluation.json`` (FP metrics of the trained model and of a
+random-init model of the same architecture, both under the smoke protocol) and from
+``curve.json`` (the training curve: FP and RTN W4A8 scores of each training snapshot).
+``python -m models.card --curve OUT [OUT ...]`` first rebuilds ``curve.json`` and
+``training_curve.png`` from ``bench run --methods rtn --bits w4a8 --model-path SNAPSHOT --out OUT``
+sweeps, one per snapshot.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
+import math
 from pathlib import Path
 
 from models.registry import ASSETS
 
 KEYS = ("fid/cifarnet", "sfid/cifarnet", "is/cifarnet", "kid/cifarnet", "clean_fid/cifarnet")
+CURVE_KEYS = ("fid/cifarnet", "kid/cifarnet", "fid_fp/cifarnet", "paired/psnr")
+
+
+def collect_curve(outs: list[Path]) -> dict:
+    """``curve.json`` from sweeps of FP + RTN W4A8, one per snapshot (its step count from the snapshot's
+    ``training.json``); metric values with their bootstrap intervals."""
+    points, protocol = [], {}
+    for out in outs:
+        runs = {}
+        for f in Path(out).glob("runs/*/*/results.json"):
+            r = json.loads(f.read_text())
+            if r.get("status") == "complete":
+                runs[r["spec"]["method"]] = r
+        fp, rtn = runs["fp"], runs["rtn"]
+        train = json.loads((Path(fp["spec"]["model_path"]) / "training.json").read_text())
+        spec = fp["spec"]
+        protocol = {k: spec[k] for k in ("num_samples", "steps", "sampler", "spacing", "eta")}
+
+        def pick(r):
+            m = r["metrics"]
+            return {k: [m[k], m.get(f"{k}_ci_low"), m.get(f"{k}_ci_high")] for k in CURVE_KEYS if k in m}
+
+        points.append({"steps": train["steps"], "fp": pick(fp), "rtn_w4a8": pick(rtn)})
+    return {"protocol": protocol, "points": sorted(points, key=lambda p: p["steps"])}
+
+
+def plot_curve(curve: dict, path: Path) -> None:
+    """FP fid/kid, RTN W4A8 kid, and RTN's fidelity gap to FP against training steps (with intervals)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pts = curve["points"]
+    steps = [p["steps"] for p in pts]
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.4))
+    panels = (("fid/cifarnet", "fid/cifarnet (data)"), ("kid/cifarnet", "kid/cifarnet (data)"),
+              ("fid_fp/cifarnet", "RTN W4A8 fid_fp/cifarnet (gap to FP)"))
+    for ax, (key, title) in zip(axes, panels):
+        for row, label in (("fp", "FP"), ("rtn_w4a8", "RTN W4A8")):
+            vals = [p[row].get(key) for p in pts]
+            if key == "fid_fp/cifarnet" and row == "fp" or not all(vals):
+                continue
+            y = [v[0] for v in vals]
+            lo = [v[1] if v[1] is not None else v[0] for v in vals]
+            hi = [v[2] if v[2] is not None else v[0] for v in vals]
+            ax.errorbar(steps, y, yerr=[[a - b for a, b in zip(y, lo)], [b - a for a, b in zip(y, hi)]],
+                        marker="o", capsize=3, label=label)
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("training steps (batch 32)")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _curve_lines(curve: dict) -> list[str]:
+    proto = curve["protocol"]
+
+    def cell(v):
+        if v is None:
+            return "n/a"
+        if v[1] is None or v[2] is None or not all(map(math.isfinite, v)):
+            return f"{v[0]:.4g}"
+        return f"{v[0]:.4g} [{v[1]:.4g}, {v[2]:.4g}]"
+
+    lines = ["## Training curve", "",
+             f"FP and RTN W4A8 of each training snapshot: {proto['num_samples']} samples, {proto['steps']} "
+             f"{proto['sampler'].upper()} steps ({proto['spacing']} spacing, eta {proto['eta']}), `cifarnet` "
+             "against CIFAR-10 test statistics; cells: value [95% bootstrap interval].", "",
+             "![training curve](training_curve.png)", "",
+             "| steps | FP `fid` | FP `kid` | RTN W4A8 `fid` | RTN W4A8 `kid` | RTN W4A8 `fid_fp` "
+             "| RTN W4A8 `paired/psnr` |",
+             "|---|---|---|---|---|---|---|"]
+    for p in curve["points"]:
+        fp, q = p["fp"], p["rtn_w4a8"]
+        lines.append(f"| {p['steps']} | {cell(fp.get('fid/cifarnet'))} | {cell(fp.get('kid/cifarnet'))} | "
+                     f"{cell(q.get('fid/cifarnet'))} | {cell(q.get('kid/cifarnet'))} | "
+                     f"{cell(q.get('fid_fp/cifarnet'))} | {cell(q.get('paired/psnr'))} |")
+    return [*lines, ""]
 
 
 def render(asset_dir: Path) -> str:
@@ -86,10 +172,20 @@ def render(asset_dir: Path) -> str:
             m = evaluation.get(key, {})
             lines.append(f"| {label} | " + " | ".join(f"{m[k]:.4g}" if k in m else "n/a" for k in KEYS) + " |")
         lines.append("")
+    curve_path = asset_dir / "curve.json"
+    if curve_path.exists():
+        lines += _curve_lines(json.loads(curve_path.read_text()))
     return "\n".join(lines)
 
 
 if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--curve", nargs="+", type=Path, help="sweep OUT dirs, one per training snapshot")
+    args = parser.parse_args()
     asset = ASSETS / "tiny-cifar10"
+    if args.curve:
+        curve = collect_curve(args.curve)
+        (asset / "curve.json").write_text(json.dumps(curve, indent=1) + "\n")
+        plot_curve(curve, asset / "training_curve.png")
     (asset / "README.md").write_text(render(asset))
     print(f"wrote {asset / 'README.md'}")

@@ -129,3 +129,28 @@ def test_local_class_conditional_pipeline_directory(tmp_path):
     res = [json.loads(p.read_text()) for p in Path(out).glob("runs/*/*/results.json")]
     assert len(res) == 2 and all(r["status"] == "complete" for r in res)
     assert all(r["spec"]["model_path"] == str((tmp_path / "pipe").resolve()) for r in res)
+
+
+def test_training_curve_from_snapshot_sweeps(tmp_path):
+    """models/card.py --curve: one FP + RTN W4A8 sweep per training snapshot -> curve.json, figure, card table."""
+    from models.card import _curve_lines, collect_curve, plot_curve
+
+    outs = []
+    for steps in (10, 30):  # two "snapshots" (random weights): the card orders them by training steps
+        torch.manual_seed(steps)
+        pipe = tmp_path / f"snap{steps}"
+        DDPMPipeline(unet=UNet2DModel(**TINY_RANDOM_UNET), scheduler=DDPMScheduler()).save_pretrained(pipe)
+        (pipe / "training.json").write_text(json.dumps({"steps": steps}))
+        out = tmp_path / f"out{steps}"
+        result = _bench("run", "--methods", "rtn", "--model-path", str(pipe), "--bits", "w4a8",
+                        "--num-samples", "4", "--steps", "2", "--out", str(out))
+        assert result.exit_code == 0, result.output
+        outs.append(out)
+    curve = collect_curve(outs[::-1])
+    assert [p["steps"] for p in curve["points"]] == [10, 30] and curve["protocol"]["num_samples"] == 4
+    rtn = curve["points"][0]["rtn_w4a8"]
+    assert rtn["fid_fp/cifarnet"][0] > 0 and rtn["fid_fp/cifarnet"][1] <= rtn["fid_fp/cifarnet"][0]
+    plot_curve(curve, tmp_path / "curve.png")
+    assert (tmp_path / "curve.png").read_bytes()[:4] == b"\x89PNG"
+    table = [line for line in _curve_lines(curve) if line.startswith("| 10 |") or line.startswith("| 30 |")]
+    assert len(table) == 2 and f"{rtn['fid_fp/cifarnet'][0]:.4g}" in table[0]

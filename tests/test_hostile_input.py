@@ -116,8 +116,11 @@ def test_zero_is_not_the_default():
         expand("fp", "tiny-random", "w8a8", [0], "smoke", None, "uniform", 0, 2)
     with pytest.raises(SpecError, match="--steps"):
         expand("fp", "tiny-random", "w8a8", [0], "smoke", None, "uniform", 8, 0)
+    from harness.spec import PROTOCOLS
+
     specs = expand("fp", "tiny-random", "w8a8", [0], "smoke", None, "uniform", None, None)
-    assert specs[0].num_samples == 256 and specs[0].steps == 20  # None still means the protocol's
+    smoke = PROTOCOLS["smoke"]
+    assert (specs[0].num_samples, specs[0].steps) == (smoke.num_samples, smoke.steps)  # None means the protocol's
 
 
 def test_repeated_entries_are_one_run():
