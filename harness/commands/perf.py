@@ -17,7 +17,8 @@ def _split(text: str) -> list[str]:
 @click.option("--model-path", type=click.Path(), default=None, help="a local diffusers pipeline directory")
 @click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda | cuda:N")
 @click.option("--batch-size", type=int, default=64, show_default=True)
-@click.option("--steps", type=int, default=20, show_default=True, help="sampler steps")
+@click.option("--steps", type=int, default=None,
+              help="sampler steps [default: 20 for sampling; the smoke protocol's for default]")
 @click.option("--methods", "methods_", default="all", show_default=True, help="'all' or a comma list")
 @click.option("--bits", default="w8a8,w4a8", show_default=True, help="comma list of wXaY")
 @click.option("--presets", default="fast", show_default=True, help="calibration presets to time (fast,paper)")
@@ -42,7 +43,7 @@ def command(mode, model, model_path, device, batch_size, steps, methods_, bits, 
     from harness import perf
     from harness.spec import SpecError, resolve_bits, resolve_methods
 
-    if batch_size < 1 or steps < 1 or repeats < 1:
+    if batch_size < 1 or (steps is not None and steps < 1) or repeats < 1:
         raise click.UsageError("--batch-size, --steps and --repeats must be at least 1")
     try:
         bit_list = resolve_bits(bits)
@@ -65,7 +66,8 @@ def command(mode, model, model_path, device, batch_size, steps, methods_, bits, 
                 raise click.UsageError(f"unknown preset {p!r}: use fast and/or paper")
         if dtype.lower() not in ("auto", "fp32", "float32", "none", "bf16", "bfloat16", "fp16", "float16"):
             raise click.UsageError(f"unknown --dtype {dtype!r}: use auto, fp32, bf16 or fp16")
-        cfg = perf.PerfConfig(model=model, model_path=model_path, device=resolved, batch_size=batch_size, steps=steps,
+        cfg = perf.PerfConfig(model=model, model_path=model_path, device=resolved, batch_size=batch_size,
+                              steps=steps or 20,
                               methods=method_list, bits=bit_list, presets=_split(presets), dtype=dtype.lower(),
                               compile=compile_, repeats=repeats, metric_images=metric_images)
         try:

@@ -33,7 +33,7 @@ __all__ = ["OFF_BITS", "UniformQuantizer", "fake_quant", "fused_fake_quant", "qr
 
 _MSE_GRID = 80  # candidates 1.00, 0.99, ..., 0.21 of the min-max range (Q-Diffusion's grid)
 _QDROP_GRID = 100  # thresholds max|x| * i / 100, i = 1..100 (QDrop's perform_1D_search)
-_CHUNK_ELEMENTS = 1 << 23  # range search: candidates x values evaluated per tensor op (32 MiB of fp32)
+_CHUNK_ELEMENTS = 1 << 22  # per-channel range search: candidates x values evaluated per tensor op
 RANGE_METHODS = ("minmax", "mse", "qdrop")
 
 
@@ -127,23 +127,26 @@ class UniformQuantizer(Quantizer):
                   cand_hi: torch.Tensor, p: float, dims: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """Per channel, the candidate range ``(cand_lo[c], cand_hi[c])`` (candidates along dim 0) whose fake
         quantization has the least mean L_p error on ``x`` (the first one on ties); ``(lo, hi)`` when no
-        candidate is finite. Candidates are evaluated in chunks of one tensor op each (not one Python
-        iteration per candidate: the range search dominated PTQ4DM's calibration time)."""
+        candidate is finite."""
         qmin, qmax = self.qmin_qmax
         s, z = scale_zero_point(cand_lo, cand_hi, self.bits, self.symmetric)
-        # per candidate (dim 0): scale/zero point shaped to broadcast against x[None]
-        def per_candidate(v: torch.Tensor) -> torch.Tensor:
-            b = torch.stack([broadcast_channels(u, x, self.channel_axis) for u in v])
-            return b.reshape(b.shape[0], *([1] * (x.dim() + 1 - b.dim())), *b.shape[1:])
 
-        s, z = per_candidate(s), per_candidate(z)
-        chunk = max(1, _CHUNK_ELEMENTS // max(1, x.numel()))
-        errs = []
-        for c in range(0, s.shape[0], chunk):
-            sc, zc = s[c:c + chunk], z[c:c + chunk]
-            # round, not round_ste: no gradient here, and (round(y) - y) + y == round(y) exactly
-            q = (torch.clamp(torch.round(x[None] / sc) + zc, qmin, qmax) - zc) * sc
-            errs.append((q - x[None]).abs().pow(p).mean(dim=[d + 1 for d in dims]))
+        def lp(xs, sc, zc, reduce):  # round, not round_ste: no gradient here, and (round(y) - y) + y == round(y)
+            return ((torch.clamp(torch.round(xs / sc) + zc, qmin, qmax) - zc) * sc - xs).abs().pow(p).mean(dim=reduce)
+
+        if self.channel_axis is None:
+            # per tensor: one candidate at a time with scalar scale/zero point (cache-friendly, fastest)
+            errs = [lp(x, s[c], z[c], dims)[None] for c in range(s.shape[0])]
+        else:
+            # per channel: candidates batched along a new dim 0 (a Python loop per candidate was the slow part)
+            def per_candidate(v: torch.Tensor) -> torch.Tensor:
+                b = torch.stack([broadcast_channels(u, x, self.channel_axis) for u in v])
+                return b.reshape(b.shape[0], *([1] * (x.dim() + 1 - b.dim())), *b.shape[1:])
+
+            s, z = per_candidate(s), per_candidate(z)
+            chunk = max(1, _CHUNK_ELEMENTS // max(1, x.numel()))
+            reduce = [d + 1 for d in dims]
+            errs = [lp(x[None], s[c:c + chunk], z[c:c + chunk], reduce) for c in range(0, s.shape[0], chunk)]
         err = torch.cat(errs).nan_to_num(nan=float("inf"))
         best = err.argmin(dim=0, keepdim=True)  # the first minimum: the earliest candidate wins a tie
         found = torch.isfinite(err.gather(0, best))[0]
