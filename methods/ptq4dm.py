@@ -69,7 +69,8 @@ LAST_LAYER = FIRST_LAST[-1]
 class PTQ4DMConfig(MethodConfig):
     """PTQ4DM hyperparameters. ``paper``: the released DNTC script (1,024 NDTC samples, one FP
     trajectory each, no reconstruction); ``fast``: 128 NDTC samples from 32 trajectories (one fitting
-    batch of 128), 40 reconstruction iterations if enabled."""
+    batch of 128, each range search on a uniform subsample of 2^16 values per tensor), 40 reconstruction
+    iterations if enabled."""
 
     num_samples: int = 1024  # --calib_num_samples
     calib_images: int = 1024  # FP trajectories the samples are cut from
@@ -84,6 +85,7 @@ class PTQ4DMConfig(MethodConfig):
     fit_momentum: float = 0.9
     p: float = 2.4  # L_p range search
     range_values: int = 1 << 20  # range_fit="fp": values per tensor the search sees (uniform subsample)
+    online_values: int | None = None  # range_fit="together": the same, None = the whole tensor (official)
     attention_matmuls: bool = False
     reconstruction: bool = False  # --use_adaround (AdaRound + QDrop)
     recon_granularity: str = "layer"  # "layer" (QDrop on IDDPM) | "block" (diffusers blocks)
@@ -98,7 +100,7 @@ class PTQ4DMConfig(MethodConfig):
     progress: bool = True
 
     PRESETS = {"paper": {}, "fast": {"num_samples": 128, "calib_images": 32, "recon_iters": 40, "batch_size": 8,
-                                     "recon_samples": 64, "range_values": 1 << 16}}
+                                     "recon_samples": 64, "range_values": 1 << 16, "online_values": 1 << 16}}
 
     def __post_init__(self) -> None:
         for name, allowed in (("act_position", ("output", "input")), ("grid", ("qdrop", "signed")),
@@ -187,7 +189,7 @@ class PTQ4DM(QuantMethod):
             quantizers = [q for ly in layers.values() if ly.quant_act for q in ly.act_quantizers()]
             quantizers += [q for p in attention_processors(unet).values() for q in p.quantizers().values()]
             fit_ranges_online(denoiser, quantizers, random_batches(samples, cfg.fit_batch, seed=cfg.seed), search,
-                              cfg.p, cfg.fit_momentum, device)
+                              cfg.p, cfg.fit_momentum, device, max_values=cfg.online_values, seed=cfg.seed)
         else:
             with AttentionRangeObserver(unet, search, cfg.p, cfg.range_values):
                 init_activation_ranges(denoiser, {n: ly for n, ly in layers.items() if type(ly) is QuantLayer},

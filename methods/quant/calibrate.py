@@ -160,6 +160,8 @@ def fit_ranges_online(
     p: float = 2.4,
     momentum: float | None = None,
     device: torch.device | str = "cpu",
+    max_values: int | None = None,
+    seed: int = 0,
 ) -> int:
     """Fit each of ``quantizers`` on what reaches it, with everything upstream quantized; return #batches.
 
@@ -168,15 +170,21 @@ def fit_ranges_online(
     is ``method``'s fit; on later batches, with ``momentum`` m, ``range = m * range + (1 - m) * fit``
     (QDrop's EMA of per-batch optima, m = 0.9); ``momentum=None`` keeps the first batch's range.
     Weights and all other quantizers stay as they are (on). Batches may mix timesteps: the
-    quantizers fitted here must not be timestep-aware.
+    quantizers fitted here must not be timestep-aware. ``max_values``: a per-tensor quantizer's
+    search sees a uniform random subsample (with replacement, seeded) of that many of its input's
+    values (None: all of them, as the official code does).
     """
     fitted: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    gen = torch.Generator().manual_seed(seed)
 
     def pre(q, args):
         if not q.enabled or q.bits >= OFF_BITS:
             return
         x = args[0]
-        lo, hi = q.fit_range(x, method, p)
+        seen = x
+        if max_values is not None and q.channel_axis is None and x.numel() > max_values:
+            seen = x.detach().flatten()[torch.randint(x.numel(), (max_values,), generator=gen).to(x.device)]
+        lo, hi = q.fit_range(seen, method, p)
         if id(q) in fitted and momentum is not None:
             lo0, hi0 = fitted[id(q)]
             lo, hi = momentum * lo0 + (1 - momentum) * lo, momentum * hi0 + (1 - momentum) * hi
