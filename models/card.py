@@ -139,7 +139,9 @@ def render(asset_dir: Path) -> str:
         lines += [f"| {i + 1} | {g['steps']} | {g['batch_size']} | {g['wall_seconds']:.0f} | {g['hardware']} |"
                   for i, g in enumerate(segments)]
         lines.append("")
-    lines += ["Reproduce (same data, same budgets; segment k > 1 adds `--resume`):", "", "```bash"]
+    lines += ["Reproduce (same data, same budgets; segment k > 1 adds `--resume`; `training.json` keeps only the "
+              "last segment's `--lr`/`--ema-decay`, so earlier segments show those too: for tiny-cifar10, "
+              "segments 1-2 used EMA 0.995):", "", "```bash"]
     for i, g in enumerate(segments or [{"wall_seconds": cfg["max_minutes"] * 60, "batch_size": cfg["batch_size"]}]):
         threads = "1" if "1 threads" in g.get("hardware", "") else "2"
         lines.append(f"OMP_NUM_THREADS={threads} bench train model tiny-cifar10 --data {data['path']} "
