@@ -94,7 +94,9 @@ def test_damaged_and_missing_shards_are_made_again(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_sigint_marks_the_parent_killed_and_exits_130(tmp_path: Path) -> None:
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "harness.cli", "run", *ARGS[:-6], "--num-samples", "128", "--steps", "10",
+    # 20 shards: after the first one lands there is always work left for the signal to interrupt
+    # (with 2 shards a loaded machine could finish the sweep before SIGINT arrived)
+    cmd = [sys.executable, "-m", "harness.cli", "run", *ARGS[:-6], "--num-samples", "1280", "--steps", "10",
            "--device", "cpu", "--out", str(out)]
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 300
