@@ -98,7 +98,11 @@ def test_sigint_marks_the_parent_killed_and_exits_130(tmp_path: Path) -> None:
     # (with 2 shards a loaded machine could finish the sweep before SIGINT arrived)
     cmd = [sys.executable, "-m", "harness.cli", "run", *ARGS[:-6], "--num-samples", "1280", "--steps", "10",
            "--device", "cpu", "--out", str(out)]
-    proc = subprocess.Popen(cmd, cwd=tmp_path, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # The child starts with SIGINT at its default disposition, as under a terminal: a background job of a
+    # non-interactive shell (CI launched with `&`) inherits SIGINT ignored, and Python then never raises
+    # KeyboardInterrupt, so the test would measure how it was launched instead of what bench does.
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and proc.poll() is None:
         if list(out.glob("runs/tiny-random/fp-*/samples/shard-00000.npz")):
