@@ -131,8 +131,8 @@ class UniformQuantizer(Quantizer):
         qmin, qmax = self.qmin_qmax
         s, z = scale_zero_point(cand_lo, cand_hi, self.bits, self.symmetric)
 
-        def lp(xs, sc, zc, reduce):  # round, not round_ste: no gradient here, and (round(y) - y) + y == round(y)
-            return ((torch.clamp(torch.round(xs / sc) + zc, qmin, qmax) - zc) * sc - xs).abs().pow(p).mean(dim=reduce)
+        def lp(xs, sc, zc, reduce):
+            return (fake_quant(xs, sc, zc, qmin, qmax) - xs).abs().pow(p).mean(dim=reduce)
 
         if self.channel_axis is None:
             # per tensor: one candidate at a time with scalar scale/zero point (cache-friendly, fastest)
