@@ -24,6 +24,7 @@ import methods
 from harness.calibration import CALIB_SEED_BASE, EVAL_SEED_STRIDE, TrajectoryBank, eval_seeds
 from harness.generate import generate_samples, make_schedule
 from harness.metrics.errors import MetricSetupError
+from harness.sampling_form import sampling_form
 from harness.shards import ShardStore
 from harness.spec import RunSpec
 from harness.tracking import git_revision, read_results, versions, write_json_atomic
@@ -278,9 +279,12 @@ def run_one(spec: RunSpec, opts: RunOptions, rank: int = 0, world: int = 1) -> d
     t = time.perf_counter()
     made = 0
     store = ShardStore(rdir / "samples", spec.num_samples)
+    engine: dict = {}
     if prepared is not None:
-        model, schedule, _, denoiser, _, _ = prepared
+        model, schedule, bank, denoiser, facts, prepare_seconds = prepared
         try:
+            denoiser, engine = sampling_form(denoiser, model, schedule, spec.seed, opts.device)
+            prepared = model, schedule, bank, denoiser, facts, prepare_seconds
             desc = f"{spec.method} {spec.bits}" + (f" r{rank}/{world}" if world > 1 else "")
             made = generate_samples(model, denoiser, schedule, spec.sampler, spec.eta, spec.seed, store, opts.device,
                                     opts.batch_size, rank, world, desc=desc)
@@ -306,7 +310,7 @@ def run_one(spec: RunSpec, opts: RunOptions, rank: int = 0, world: int = 1) -> d
     try:
         if prepared is not None:
             model, schedule, bank, denoiser, facts, prepare_seconds = prepared
-            results["facts"] = dict(facts)
+            results["facts"] = dict(facts) | engine
             results["reference"] = reference_record(spec, opts)
             results["model_fingerprint"] = bank.fingerprint  # sha256 of the FP weights this run quantized
             results["timings"]["calib_seconds"] = float(facts.get("calib_seconds", prepare_seconds))

@@ -19,13 +19,16 @@ comparison table and measurements: docs/methods/qdiffusion.md, results/README.md
 5. **Activation ranges** (``act_init="official"``): one forward of 64 random calibration samples with
    the weights and every upstream activation quantizer on; each quantizer fits (``a_init``) on its
    first input (``act_init="fp-all"``: FP activations of all samples).
+   ``--running_stat`` (bedroom, SD; ``running_stat=True`` elsewhere): then an EMA (0.95) of each
+   quantizer's input min/max over the whole calibration set (:func:`running_stat`).
 6. **LSQ**: a second block-reconstruction pass learning the activation steps (5k iterations,
    lr 4e-4, L_2.4), block inputs from the FP model (``act_recon_inputs="quantized"``: from the
    quantized model).
 
 Deviations (each in docs/methods/qdiffusion.md): diffusers blocks as reconstruction units, run in
 execution order, in eval mode (no dropout); the AdaRound regulariser covers both halves of a split
-layer; ``--running_stat`` (bedroom, SD) and SD's cond+uncond doubling are not implemented; the
+layer; SD's cond+uncond calibration doubling holds by construction (the Denoiser runs both halves of
+every calibration call through the UNet), each pair kept in one batch; the
 ``max`` init widens a range to contain 0; the ``fast`` preset runs one joint 80-iteration pass
 (AdaRound lr 1e-2, ``w_init="mse"``, LSQ lr 0, asymmetric activations) on 32 x 10 samples.
 """
@@ -34,6 +37,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 from pathlib import Path
+
+import torch
 
 from methods.base import BitConfig, CalibrationSource, MethodConfig, QuantMethod
 from methods.quant.attention import (
@@ -55,19 +60,25 @@ from models.denoiser import Denoiser
 # The official README's command per model family. Keys of each entry are config fields; a field left
 # at None in the config takes its family's value (an explicit value wins). "ldm" (other LDMs) has no
 # command in the README: the LSUN-church values are used (declared in docs/methods/qdiffusion.md).
+# running_stat_batch / running_stat_shuffle: how the --running_stat pass walks the calibration set
+# (LDM script: consecutive batches of 64; txt2img.py: shuffled batches of 16).
 _LDM = {"w_init": "mse", "a_init": "mse", "a_symmetric": False, "split": False, "softmax_bits": 8,
-        "calib_images": 256, "calib_steps": 20, "batch_size": 32, "running_stat": False}
+        "calib_images": 256, "calib_steps": 20, "batch_size": 32, "running_stat": False,
+        "running_stat_batch": 64, "running_stat_shuffle": False}
 FAMILIES: dict[str, dict] = {
     "ddim": {"w_init": "minmax", "a_init": "minmax", "a_symmetric": True, "split": True, "softmax_bits": 8,
-             "calib_images": 256, "calib_steps": 20, "batch_size": 32, "running_stat": False},
+             "calib_images": 256, "calib_steps": 20, "batch_size": 32, "running_stat": False,
+             "running_stat_batch": 64, "running_stat_shuffle": False},
     "ldm-lsun-bedroom": {**_LDM, "a_init": "minmax", "a_symmetric": True, "running_stat": True},
     "ldm-lsun-church": _LDM,
     "ldm": _LDM,
     "sd": {"w_init": "mse", "a_init": "mse", "a_symmetric": False, "split": True, "softmax_bits": 16,
-           "calib_images": 128, "calib_steps": 25, "batch_size": 8, "running_stat": True},
+           "calib_images": 128, "calib_steps": 25, "batch_size": 8, "running_stat": True,
+           "running_stat_batch": 16, "running_stat_shuffle": True},
 }
 FAMILY_FIELDS = ("w_init", "a_init", "a_symmetric", "split", "softmax_bits", "calib_images", "calib_steps",
-                 "batch_size")
+                 "batch_size", "running_stat")
+RUNNING_STAT_MOMENTUM = 0.95  # act_momentum_update's act_range_momentum
 
 
 def model_family(model_name: str) -> str:
@@ -103,6 +114,7 @@ class QDiffusionConfig(MethodConfig):
     act_init: str = "official"  # "official" (64 samples, upstream quantized) | "fp-all"
     act_init_samples: int = 64
     act_recon_inputs: str = "fp"  # LSQ pass block inputs: "fp" (official) | "quantized"
+    running_stat: bool | None = None  # --running_stat: EMA of min/max over the calibration set after the init
     weight_iters: int = 20000
     act_iters: int = 5000
     joint: bool = False  # one pass learning AdaRound and LSQ together (fast preset)
@@ -139,7 +151,8 @@ class QDiffusionConfig(MethodConfig):
         """The effective value of every family-dependent field: the config's own where set, else the family's."""
         official = FAMILIES[family]
         out = {k: (getattr(self, k) if getattr(self, k) is not None else official[k]) for k in FAMILY_FIELDS}
-        return {**out, "running_stat": official["running_stat"]}
+        return {**out, "running_stat_batch": official["running_stat_batch"],
+                "running_stat_shuffle": official["running_stat_shuffle"]}
 
 
 @register_method("qdiffusion")
@@ -194,16 +207,21 @@ class QDiffusion(QuantMethod):
         for layer in layers.values():
             layer.init_weight_range(st["w_init"], p=cfg.a_p)
 
+        act_qs = [q for ly in layers.values() if ly.quant_act for q in ly.act_quantizers()]
+        act_qs += [q for p in attention_processors(unet).values() for q in p.quantizers().values()]
+        init_batches = random_batches(samples, cfg.act_init_samples, cfg.act_init_samples)
+        running_batches = 0
+
         def init_acts() -> None:
+            nonlocal running_batches
             if cfg.act_init == "official":
-                qs = [q for ly in layers.values() if ly.quant_act for q in ly.act_quantizers()]
-                qs += [q for p in attention_processors(unet).values() for q in p.quantizers().values()]
-                batches = random_batches(samples, cfg.act_init_samples, cfg.act_init_samples)
-                fit_ranges_online(denoiser, qs, batches, st["a_init"], cfg.a_p, None, device)
-                return
-            with AttentionRangeObserver(unet, st["a_init"], cfg.a_p):
-                init_activation_ranges(denoiser, layers, samples, num_steps, method=st["a_init"], p=cfg.a_p,
-                                       device=device)
+                fit_ranges_online(denoiser, act_qs, init_batches, st["a_init"], cfg.a_p, None, device)
+            else:
+                with AttentionRangeObserver(unet, st["a_init"], cfg.a_p):
+                    init_activation_ranges(denoiser, layers, samples, num_steps, method=st["a_init"], p=cfg.a_p,
+                                           device=device)
+            if st["running_stat"] and act_qs:
+                running_batches = running_stat(denoiser, act_qs, init_batches[0], samples, st, device)
 
         base = ReconConfig(batch_size=st["batch_size"], w_lr=cfg.w_lr, a_lr=cfg.a_lr, round_weight=cfg.round_weight,
                            b_range=(cfg.b_start, cfg.b_end), warmup=cfg.warmup, asym=True,
@@ -227,9 +245,29 @@ class QDiffusion(QuantMethod):
                     asym=cfg.act_recon_inputs == "quantized"), device)
         return {
             "family": st["family"],
-            "running_stat": "not implemented (official: on)" if st["running_stat"] else "off (official)",
+            "running_stat_batches": running_batches,
             "attention_matmuls_quantized": 2 * len(attention_processors(unet)),
             "shortcut_splits": sum(1 for ly in layers.values() if ly.split),
             "calib_samples": int(samples["x"].shape[0]),
             "recon_units": max((len(s) for s in stats.values()), default=0),
         }
+
+
+def running_stat(denoiser: Denoiser, quantizers: list, init_batch: dict, samples: dict, st: dict, device) -> int:
+    """Q-Diffusion's ``--running_stat`` (``act_momentum_update``, momentum 0.95): after the activation
+    init, every activation quantizer (softmax included) tracks ``m * range + (1 - m) * [min, max]``
+    of its input over the whole calibration set, weights and upstream activations quantized, the
+    range updated before each batch is quantized. The average starts from the raw min/max of the
+    init batch, as the official quantizer records it at initialisation (here: that batch run again
+    at the start of the pass). Batches of ``running_stat_batch``, shuffled or in order as the
+    family's script does; a last partial batch is dropped (``int(N / batch)``). Returns #batches."""
+    n, b = samples["x"].shape[0], st["running_stat_batch"]
+    usable = n - n % b
+    if st["running_stat_shuffle"]:
+        batches = random_batches(samples, b, usable, seed=1)
+    else:
+        batches = [{k: (v[i : i + b] if isinstance(v, torch.Tensor) else v) for k, v in samples.items()}
+                   for i in range(0, usable, b)]
+    fit_ranges_online(denoiser, quantizers, [init_batch, *batches], "minmax", momentum=RUNNING_STAT_MOMENTUM,
+                      device=device)
+    return len(batches)

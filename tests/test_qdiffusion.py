@@ -162,3 +162,84 @@ def test_fast_preset_softmax_grid_keeps_small_probabilities(model):
         q.init_range(probs, "minmax")
         out[preset] = q(probs)[0, 0].item()
     assert out["fast"] == pytest.approx(1 / 255) and out["paper"] == 0.0
+
+
+def test_running_stat_is_the_official_ema():
+    """--running_stat: range = 0.95 * range + 0.05 * [min, max] of each batch, starting from the init
+    batch's raw min/max, updated before the batch is quantized; the last partial batch is dropped."""
+    from methods.qdiffusion import running_stat
+    from methods.quant.layers import QuantLayer
+
+    class One(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = QuantLayer(torch.nn.Linear(2, 2), 16, 8)
+
+        def forward(self, x, t, cond=None):
+            return self.a(x)
+
+    def batch(lo, hi):  # two samples whose values span exactly [lo, hi]
+        return torch.tensor([[lo, 0.0], [0.0, hi]])
+
+    net = One()
+    init = {"x": batch(-1.0, 1.0), "t": torch.zeros(2)}
+    x = torch.cat([batch(-3.0, 2.0), batch(0.0, 4.0), batch(-50.0, 50.0)[:1]])  # 5 samples: 2 batches of 2 + 1
+    samples = {"x": x, "t": torch.zeros(5)}
+    n = running_stat(net, [net.a.act_quantizer], init, samples,
+                     {"running_stat_batch": 2, "running_stat_shuffle": False}, "cpu")
+    assert n == 2
+    lo, hi = -1.0, 1.0
+    for b_lo, b_hi in ((-3.0, 2.0), (0.0, 4.0)):  # by hand: -1.1, 1.05 then -1.045, 1.1975
+        lo, hi = 0.95 * lo + 0.05 * b_lo, 0.95 * hi + 0.05 * b_hi
+    q = net.a.act_quantizer
+    assert (lo, hi) == pytest.approx((-1.045, 1.1975))
+    assert q.scale.item() == pytest.approx((hi - lo) / 255, rel=1e-6)
+    assert q.zero_point.item() == round(-lo / ((hi - lo) / 255))
+
+
+def test_running_stat_follows_the_family(model, tmp_path):
+    """On for bedroom and SD (unless turned off), off for the DDIM family; when on, it moves the ranges."""
+    assert QDiffusionConfig().settings("ldm-lsun-bedroom")["running_stat"] is True
+    assert QDiffusionConfig().settings("ddim")["running_stat"] is False
+    sch = make_schedule(model, 10, "uniform")
+    bank = TrajectoryBank(model, sch, "ddim", 0.0, tmp_path)
+    out = {}
+    for running in (None, False):  # None: the SD family's own value (on: shuffled batches of 16)
+        cfg = QDiffusionConfig.from_preset("fast")
+        cfg.family, cfg.calib_images, cfg.calib_steps, cfg.joint_iters, cfg.batch_size = "sd", 4, 5, 1, 4
+        cfg.recon_samples, cfg.act_init_samples, cfg.progress, cfg.w_lr, cfg.split = 6, 4, False, 0.0, False
+        cfg.softmax_bits, cfg.running_stat = 8, running
+        d = model.denoiser.with_unet(copy.deepcopy(model.denoiser.unet))
+        res = QDiffusion(cfg).quantize(d, bank, BitConfig.parse("w8a8"), UNIFORM, tmp_path / str(running))
+        out[running] = res.facts["running_stat_batches"], quant_layers(d.unet)["conv_in"].act_quantizer.scale.item()
+    assert out[None][0] == 20 // 16 and out[False][0] == 0  # 4 images x 5 steps; the partial batch dropped
+    assert out[None][1] != pytest.approx(out[False][1])
+
+
+def test_guided_calibration_sees_cond_and_uncond_halves(tmp_path):
+    """The official SD calibration doubles its set (x with the prompt, x with the empty prompt). Here
+    every calibration call goes through the Denoiser, which sends both halves through the UNet as one
+    batch: each UNet input Q-Diffusion calibrates on (act init, reconstruction caches) comes as a
+    conditional and an unconditional copy of the same x_t."""
+    guided = load_model(get_model("ldm-imagenet-mini"))  # class-conditional, CFG 3.0, null class 1000
+    sch = make_schedule(guided, 4, "uniform")
+    bank = TrajectoryBank(guided, sch, "ddim", 0.0, tmp_path)
+    cfg = QDiffusionConfig.from_preset("fast")
+    cfg.calib_images, cfg.calib_steps, cfg.joint_iters, cfg.batch_size, cfg.recon_samples = 2, 2, 1, 2, 4
+    cfg.act_init_samples, cfg.progress = 4, False
+    d = guided.denoiser.with_unet(copy.deepcopy(guided.denoiser.unet))
+    calls = []
+
+    def seen(module, args, kwargs):
+        calls.append((args[0].detach().clone(), kwargs["class_labels"].detach().clone()))
+
+    handle = d.unet.register_forward_pre_hook(seen, with_kwargs=True)
+    try:
+        QDiffusion(cfg).quantize(d, bank, BitConfig.parse("w8a8"), UNIFORM, tmp_path / "q")
+    finally:
+        handle.remove()
+    assert calls
+    for x, labels in calls:
+        half = len(labels) // 2
+        assert torch.equal(x[:half], x[half:])  # the same x_t twice
+        assert (labels[:half] == 1000).all() and (labels[half:] != 1000).all()  # uncond, then cond
