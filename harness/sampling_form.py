@@ -5,8 +5,8 @@ each call still walks the eager quantizer objects. :func:`methods.quant.fast.fas
 resolves all of that once: the fake-quantized weight replaces the FP weight and every input
 quantizer becomes one fused kernel with constants fixed at conversion (same arithmetic as the
 eager inference path, :func:`methods.quant.base.fused_fake_quant`). Layers it cannot convert (a
-method's own QuantLayer subclass, quantizers without a static form, per-step tables fitted on
-another schedule) stay eager inside the converted UNet.
+method's own QuantLayer subclass, quantizers without a static form such as TDQ's MLP fallback,
+per-step tables fitted on another schedule) stay eager inside the converted UNet.
 
 "Bit-identical" is checked, not assumed: the converted denoiser must return exactly the eager
 output (``torch.equal``) on the run's own first images at the first and the last sampling step
@@ -44,7 +44,8 @@ def sampling_form(denoiser, model, schedule, seed: int, device) -> tuple[object,
     fast, report = fast_denoiser(denoiser, timesteps=schedule.timesteps)
     facts = {"fast_layers": report["converted"], "eager_layers": report["skipped"]}
     if report["converted"] == 0:
-        return denoiser, {"sampling_engine": "eager", "sampling_engine_reason": "no convertible layer", **facts}
+        reason = "no quantizer has a static form" if report["skipped"] else "no quantized layer"
+        return denoiser, {"sampling_engine": "eager", "sampling_engine_reason": reason, **facts}
     x, cond, _ = initial_noise_and_cond(model, eval_seeds(seed, 0, CHECK_IMAGES))
     x, cond = x.to(device), (cond.to(device) if cond is not None else None)
     ref, got = _outputs(denoiser, x, cond, schedule, device), _outputs(fast, x, cond, schedule, device)

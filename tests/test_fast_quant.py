@@ -151,3 +151,24 @@ def test_torch_compile_of_fused_fake_quant_and_layer_equals_eager(quantized):
     fast = FastQuantLayer(layer)
     inp = torch.randn(2, layer.module.in_channels, 8, 8)
     torch.testing.assert_close(torch.compile(fast, dynamic=False)(inp), layer(inp), rtol=1e-4, atol=1e-4)
+
+
+def test_output_quant_layer_fast_form_quantizes_the_output():
+    """PTQ4DM's OutputQuantLayer (QDrop: quantize the layer's output) converts too, bit-identically."""
+    from methods.quant.layers import OutputQuantLayer
+
+    torch.manual_seed(0)
+    layer = OutputQuantLayer(torch.nn.Conv2d(3, 4, 3, padding=1), 4, 4)
+    layer.init_weight_range("minmax")
+    x = torch.randn(2, 3, 5, 5)
+    with torch.no_grad():
+        y = torch.nn.functional.conv2d(x, layer.quantized_weight(), layer.module.bias, padding=1)
+    layer.act_quantizer.init_range(y, "minmax")
+    freeze_all(layer)
+    fast = FastQuantLayer(layer)
+    assert fast.on_output and fast.num_act == 1
+    with torch.no_grad():
+        out = fast(x)
+        assert torch.equal(out, layer(x))
+        assert torch.equal(out, layer.act_quantizer(y))  # the output is on the 4-bit grid, the input untouched
+    assert len(torch.unique(out)) <= 16

@@ -72,4 +72,5 @@ def test_fp_has_nothing_to_convert(quantized):
     model, schedule, _ = quantized
     form, facts = sampling_form(model.denoiser, model, schedule, seed=0, device="cpu")
     assert form is model.denoiser
-    assert facts["sampling_engine"] == "eager" and facts["fast_layers"] == 0
+    assert facts == {"sampling_engine": "eager", "sampling_engine_reason": "no quantized layer",
+                     "fast_layers": 0, "eager_layers": 0}

@@ -82,7 +82,7 @@ class Reservoir:
         self.values = torch.empty(0)
         self.keys = torch.empty(0)
 
-    def add(self, x: torch.Tensor) -> None:
+    def add(self, x: torch.Tensor) -> Reservoir:
         flat = x.detach().float().flatten().cpu()
         keys = torch.rand(flat.numel(), generator=self.gen)
         values, keys = torch.cat([self.values, flat]), torch.cat([self.keys, keys])
@@ -90,6 +90,7 @@ class Reservoir:
             keys, idx = torch.topk(keys, self.size, largest=False)
             values = values[idx]
         self.values, self.keys = values, keys
+        return self
 
 
 @torch.no_grad()
@@ -171,8 +172,8 @@ def fit_ranges_online(
     (QDrop's EMA of per-batch optima, m = 0.9); ``momentum=None`` keeps the first batch's range.
     Weights and all other quantizers stay as they are (on). Batches may mix timesteps: the
     quantizers fitted here must not be timestep-aware. ``max_values``: a per-tensor quantizer's
-    search sees a uniform random subsample (with replacement, seeded) of that many of its input's
-    values (None: all of them, as the official code does).
+    search sees a uniform random subsample (:class:`Reservoir`, without replacement, seeded) of that
+    many of its input's values (None: all of them, as the official code does).
     """
     fitted: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
     gen = torch.Generator().manual_seed(seed)
@@ -183,7 +184,7 @@ def fit_ranges_online(
         x = args[0]
         seen = x
         if max_values is not None and q.channel_axis is None and x.numel() > max_values:
-            seen = x.detach().flatten()[torch.randint(x.numel(), (max_values,), generator=gen).to(x.device)]
+            seen = Reservoir(max_values, gen).add(x).values.to(x.device)
         lo, hi = q.fit_range(seen, method, p)
         if id(q) in fitted and momentum is not None:
             lo0, hi0 = fitted[id(q)]

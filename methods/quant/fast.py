@@ -2,7 +2,8 @@
 
 A calibrated, frozen quantized UNet is converted for sampling speed:
 
-* :class:`FastQuantLayer` replaces each plain :class:`QuantLayer`: the fake-quantized weight
+* :class:`FastQuantLayer` replaces each plain :class:`QuantLayer` (and :class:`OutputQuantLayer`,
+  whose quantizer acts on the output): the fake-quantized weight
   is computed once and stored *instead of* the FP weight (same weight memory as FP),
   every range and flag is resolved at conversion, and the input activation goes through
   :func:`~methods.quant.base.fused_fake_quant` (quant-dequant in fp32, returned in the input's
@@ -35,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from methods.quant.base import FastParams, Quantizer, broadcast_channels, fused_fake_quant
-from methods.quant.layers import QuantLayer
+from methods.quant.layers import OutputQuantLayer, QuantLayer
 from methods.quant.timestep import step_tensor
 from models.denoiser import Denoiser
 
@@ -79,6 +80,7 @@ class FastQuantLayer(nn.Module):
             self.bias = None if m.bias is None else nn.Parameter(m.bias.detach().to(dtype).clone(),
                                                                    requires_grad=False)
         self.split = layer.split
+        self.on_output = isinstance(layer, OutputQuantLayer)
         self.acts: list[dict] = []  # python constants per input quantizer: qmin, qmax, per_step, axis, reciprocal
         if layer.quant_act:
             params = [_act_params(q, timesteps) for q in layer.act_quantizers()]
@@ -101,10 +103,16 @@ class FastQuantLayer(nn.Module):
         return fused_fake_quant(x, scale, zp, a["qmin"], a["qmax"], reciprocal=a["reciprocal"])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.on_output:
+            y = self._op(x)
+            return self._fq(y, 0) if self.num_act else y
         if self.num_act == 1:
             x = self._fq(x, 0)
         elif self.num_act == 2:
             x = torch.cat([self._fq(x[:, : self.split], 0), self._fq(x[:, self.split :], 1)], 1)
+        return self._op(x)
+
+    def _op(self, x: torch.Tensor) -> torch.Tensor:
         if self.is_conv:
             return F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
         return F.linear(x, self.weight, self.bias)
@@ -112,20 +120,22 @@ class FastQuantLayer(nn.Module):
     def extra_repr(self) -> str:
         kind = "conv" if self.is_conv else "linear"
         per_step_ = any(a["per_step"] for a in self.acts)
-        return f"{kind}, act_quantizers={self.num_act}, per_step={per_step_}, split={self.split}"
+        where = ", on output" if self.on_output else ""
+        return f"{kind}, act_quantizers={self.num_act}{where}, per_step={per_step_}, split={self.split}"
 
 
 @torch.no_grad()
 def convert_quant_layers(unet: nn.Module, weight_dtype: torch.dtype | None = None,
                          timesteps: Sequence[int] | None = None) -> dict[str, int]:
-    """Replace, in place, every plain QuantLayer by a FastQuantLayer; count converted and skipped layers.
+    """Replace, in place, every plain QuantLayer or OutputQuantLayer by a FastQuantLayer; count converted
+    and skipped layers.
 
     ``timesteps``: the sampling schedule; per-step quantizers are converted only when their
     tables were calibrated on exactly it (else they stay eager, which maps rows by timestep).
     """
     converted = skipped = 0
     for name, m in list(unet.named_modules()):
-        if type(m) is not QuantLayer:
+        if type(m) not in (QuantLayer, OutputQuantLayer):
             continue
         try:
             new = FastQuantLayer(m, weight_dtype, timesteps)
