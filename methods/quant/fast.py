@@ -1,4 +1,5 @@
-"""Fast fake-quantized sampling (opt-in; the default CPU path never comes here).
+"""Fast fake-quantized sampling: every run's fp32 sampling form where it is bit-identical to the eager
+model (:mod:`harness.sampling_form` checks it per run); low precision and compilation are opt-in.
 
 A calibrated, frozen quantized UNet is converted for sampling speed:
 
