@@ -4,9 +4,10 @@ Sampling mode (:func:`run_perf`) measures, for one model:
 
 * FP sampling throughput (images/s at ``steps`` sampler steps, decode included);
 * fake-quant sampling throughput of every method at every bit-width, in two modes:
-  ``eager`` (the method's QuantLayers, the path the benchmark runs by default) and
+  ``eager`` (the method's QuantLayers as calibrated) and
   ``fast`` (:func:`methods.quant.fast.fast_denoiser`: FastQuantLayers, optionally bf16
-  autocast and ``torch.compile``), each with its time ratio to FP in the same mode;
+  autocast and ``torch.compile``; in fp32 the form runs sample with, :mod:`harness.sampling_form`),
+  each with its time ratio to FP in the same mode;
 * peak GPU memory of each (weights of that denoiser + the sampling peak above what was
   resident before; ``nan`` on CPU) and its ratio to FP;
 * calibration wall time per method, preset and bit-width (the trajectory bank is filled
