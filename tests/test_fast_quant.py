@@ -1,18 +1,21 @@
-"""methods/quant/fast.py: fused fake quant and the fast sampling path equal the eager path on CPU."""
+"""methods/quant/fast.py, harness/sampling_form.py: the fast sampling path equals the eager path on CPU."""
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
 
 from harness.generate import make_schedule
 from harness.sampling import SAMPLERS
+from harness.sampling_form import sampling_form
 from methods.base import BitConfig
 from methods.quant.base import fake_quant, fused_fake_quant
 from methods.quant.fast import FastQuantLayer, fast_denoiser
 from methods.quant.layers import QuantLayer
+from methods.quant.quantizer import UniformQuantizer
 from methods.quant.step_table import StepTableQuantizer
 from methods.quant.surgery import UNIFORM, freeze_all, quant_layers
 from methods.quant.timestep import step_tensor, timestep_context
@@ -172,3 +175,44 @@ def test_output_quant_layer_fast_form_quantizes_the_output():
         assert torch.equal(out, layer(x))
         assert torch.equal(out, layer.act_quantizer(y))  # the output is on the 4-bit grid, the input untouched
     assert len(torch.unique(out)) <= 16
+
+
+# ---- harness/sampling_form.py: runs sample with the fast form only where it equals the eager one ----
+
+def test_quantized_run_samples_with_fast_layers_and_the_same_images(quantized):
+    model, schedule, denoiser = quantized
+    form, facts = sampling_form(denoiser, model, schedule, seed=0, device="cpu")
+    n = len(quant_layers(denoiser.unet))
+    assert facts == {"sampling_engine": "fast", "fast_layers": n, "eager_layers": 0}
+    assert sum(isinstance(m, FastQuantLayer) for m in form.unet.modules()) == n
+    assert not any(isinstance(m, QuantLayer) for m in form.unet.modules())
+    assert any(isinstance(m, QuantLayer) for m in denoiser.unet.modules())  # the eager one is untouched
+    assert torch.equal(_sample(model, schedule, form), _sample(model, schedule, denoiser))
+
+
+class _StaticFormWrongStep(UniformQuantizer):
+    """A quantizer whose static (fast) form disagrees with its eager forward (a step 1.5x too large): what a
+    method's quantizer with a wrong ``fast_params`` would look like."""
+
+    def fast_params(self, timesteps=None):
+        p = super().fast_params(timesteps)
+        return dataclasses.replace(p, scale=p.scale * 1.5)
+
+
+def test_a_fast_form_that_differs_is_rejected(quantized):
+    model, schedule, denoiser = quantized
+    d = copy.deepcopy(denoiser)
+    layer = next(iter(quant_layers(d.unet).values()))
+    layer.act_quantizer.__class__ = _StaticFormWrongStep
+    form, facts = sampling_form(d, model, schedule, seed=0, device="cpu")
+    assert form is d
+    assert facts["sampling_engine"] == "eager"
+    assert facts["sampling_engine_reason"].startswith("fast form differs from eager by up to ")
+
+
+def test_fp_has_nothing_to_convert(quantized):
+    model, schedule, _ = quantized
+    form, facts = sampling_form(model.denoiser, model, schedule, seed=0, device="cpu")
+    assert form is model.denoiser
+    assert facts == {"sampling_engine": "eager", "sampling_engine_reason": "no quantized layer",
+                     "fast_layers": 0, "eager_layers": 0}
