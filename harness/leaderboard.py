@@ -25,6 +25,7 @@ import pandas as pd
 
 from harness.metrics.registry import direction, direction_label, interval_of
 from harness.results import KEY_FIELDS, Run, discover, load_replicates, long_table
+from methods.registry import row_label
 
 # Shown first, in this order; every other metric follows alphabetically.
 PRIMARY = ("fid_fp/cifarnet", "kid_fp/cifarnet", "paired/psnr", "paired/ssim", "paired/mse", "paired/eps_mse",
@@ -169,7 +170,9 @@ def tables(summary: pd.DataFrame) -> dict[tuple[str, str, str], pd.DataFrame]:
             m["cell"] = m.apply(_cell, axis=1)
             t = m.pivot_table(index="method", columns="bits", values="cell", aggfunc="first").fillna("")
             t = t[_bits_order(list(t.columns))]
-            out[(*table, metric)] = t.loc[_method_order(list(t.index))]
+            t = t.loc[_method_order(list(t.index))]
+            t.index = pd.Index([row_label(m) for m in t.index], name="method")
+            out[(*table, metric)] = t
     return out
 
 
@@ -219,7 +222,7 @@ def headline(part: pd.DataFrame, floor: dict | None = None, num_samples: int | N
             r = sel[sel["metric"] == c]
             cells.append(_cell(r.iloc[0]) if len(r) else "")
         rows.append(cells)
-        index.append((method, bits))
+        index.append((row_label(method), bits))
     arrows = {-1: " ↓", 1: " ↑", 0: ""}
     t = pd.DataFrame(rows, columns=[f"{c}{arrows[direction(c)]}" for c in cols])
     t.insert(0, "bits", [b for _, b in index])

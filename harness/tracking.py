@@ -30,6 +30,7 @@ import mlflow
 from mlflow.tracking import MlflowClient
 
 from harness.results import method_label
+from methods.registry import row_label
 from models.atomic import DiskFullError, write_text_atomic
 
 RESULTS = "results.json"
@@ -275,6 +276,8 @@ class Tracker:
             tags.update({k: str(spec[k]) for k in ("method", "model", "bits", "seed", "protocol", "preset", "scope")})
             if spec.get("variant"):
                 tags["variant"] = spec["variant"]
+            if row_label(spec["method"]) != spec["method"]:  # e.g. "TDQ-style PTQ (our recipe)"
+                tags["method_label"] = row_label(spec["method"])
             run_id = self.client.create_run(self.experiment_id, run_name=spec_label(spec), tags=tags).info.run_id
             params: dict[str, str] = {}
             _flatten("", {k: v for k, v in spec.items() if k != "method_config"}, params)

@@ -157,6 +157,8 @@ class QuantMethod:
     """
 
     name: ClassVar[str] = ""
+    # What a reader must see next to the name wherever a row appears (e.g. "TDQ-style PTQ (our recipe)").
+    label: ClassVar[str | None] = None
     config_cls: ClassVar[type[MethodConfig]] = MethodConfig
     # Methods without quantization (the FP reference) run once per model, not per bit-width.
     quantizes: ClassVar[bool] = True

@@ -134,3 +134,13 @@ def names() -> list[str]:
 
 def get(name: str):
     return METHODS.get(name)
+
+
+def row_label(method: str) -> str:
+    """How a leaderboard or tracking row names ``method`` (a registry name, maybe with a ``[variant]``):
+    the name, followed by the method's declared :attr:`~methods.base.QuantMethod.label` if it has one."""
+    try:
+        label = getattr(METHODS.get(method.split("[", 1)[0]), "label", None)
+    except KeyError:
+        return method
+    return f"{method}: {label}" if label else method

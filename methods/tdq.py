@@ -165,6 +165,7 @@ def _make_mlp(cfg: TDQConfig, init_step: float = 1.0, zero_point: float = 0.0) -
 
 @register_method("tdq")
 class TDQ(QuantMethod):
+    label = "TDQ-style PTQ (our recipe)"  # no public code by the TDQ authors: docs/methods/tdq.md
     config_cls = TDQConfig
 
     def layer(self, name, module, w_bits, a_bits, structure):

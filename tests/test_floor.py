@@ -38,3 +38,21 @@ def test_headline_shows_the_floor_row_for_the_runs_n() -> None:
     assert t.iloc[1]["fid/cifarnet ↓"] == "20 [18, 23]"
     assert t.iloc[0]["fid/cifarnet ↓"].startswith(f"{load_floor()['sizes']['256']['fid/cifarnet']['value']:.4g} [")
     assert len(headline(part, load_floor(), 100)) == 1  # no floor for an N that was not computed
+
+
+def test_rows_carry_the_methods_declared_label() -> None:
+    """TDQ has no public code by its authors: wherever its row appears it says it is our recipe."""
+    import pandas as pd
+
+    from harness.leaderboard import tables
+    from methods.registry import row_label
+
+    rows = [{"model": "m", "protocol": "smoke", "reference": "r", "method": meth, "bits": "w4a8",
+             "metric": "fid/cifarnet", "mean": 1.0, "std": np.nan, "n": 1, "ci_low": 0.5, "ci_high": 1.5,
+             "vs_rtn": ""} for meth in ("rtn", "tdq", "tdq[hidden=4]")]
+    part = pd.DataFrame(rows)
+    names = list(headline(part)["method"])
+    assert names == ["rtn", "tdq: TDQ-style PTQ (our recipe)", "tdq[hidden=4]: TDQ-style PTQ (our recipe)"]
+    (table,) = tables(part).values()
+    assert list(table.index) == names
+    assert row_label("adpdm") == "adpdm" and row_label("not-a-method") == "not-a-method"
