@@ -153,9 +153,13 @@ def _run(methods_, models, bits, seeds, protocol, preset, scope, num_samples, st
         parse_device(device)
     except PreflightError as e:
         raise BadInput(str(e)) from None
-    if model_path and not (Path(model_path) / "model_index.json").exists() and not (Path(model_path) / "unet").is_dir():
-        raise BadInput(f"--model-path {model_path} is not a diffusers pipeline directory "
-                       "(no model_index.json or unet/): save one with pipeline.save_pretrained(DIR)")
+    if model_path:
+        unet = Path(model_path) / "unet"
+        missing = ("unet/config.json" if not (unet / "config.json").is_file()
+                   else "unet/*.safetensors" if not any(unet.glob("*.safetensors")) else None)
+        if missing:
+            raise BadInput(f"--model-path {model_path} is not a diffusers pipeline directory (no {missing}): "
+                           "save one with pipeline.save_pretrained(DIR)")
     try:
         specs = expand(methods_, models, bits, seed_list, protocol, preset, scope, num_samples, steps, model_path,
                        reference, captions, method_args)

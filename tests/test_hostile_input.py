@@ -146,3 +146,20 @@ def test_duplicate_bits_print_the_planned_count(tmp_path):
     assert result.exit_code == 0, result.output
     assert "2 runs" in result.stdout and "done: 2 ran, 0 already complete, 0 failed" in result.stdout
     assert len(list(out.glob("runs/tiny-random/*/results.json"))) == 2
+
+
+@pytest.mark.parametrize("layout, needle", [
+    ({"unet/diffusion_pytorch_model.safetensors": b"x"}, "no unet/config.json"),  # weights without a config
+    ({"unet/config.json": b"{}", "unet/diffusion_pytorch_model.bin": b"x"}, "no unet/*.safetensors"),  # pickle only
+    ({"model_index.json": b"{}"}, "no unet/config.json"),
+])
+def test_incomplete_model_path_is_refused_before_work(tmp_path, layout, needle):
+    """A --model-path directory that cannot load (a bare weights snapshot, pickle-only weights) exits 2
+    in one line before anything is written, instead of failing every run after the sweep starts."""
+    pipe = tmp_path / "pipe"
+    for rel, data in layout.items():
+        (pipe / rel).parent.mkdir(parents=True, exist_ok=True)
+        (pipe / rel).write_bytes(data)
+    out = tmp_path / "out"
+    result = _run_cli(tmp_path, *BASE, "--model-path", str(pipe), "--out", str(out))
+    _assert_refused(result, tmp_path, out, "--model-path", needle, "save_pretrained")
