@@ -22,6 +22,7 @@ import torch
 from harness.calibration import eval_seeds, initial_noise_and_cond
 from methods.quant.fast import fast_denoiser
 from methods.quant.timestep import timestep_context
+from models.denoiser import Denoiser
 
 CHECK_IMAGES = 4
 
@@ -41,6 +42,10 @@ def _outputs(denoiser, x, cond, schedule, device) -> list[torch.Tensor]:
 def sampling_form(denoiser, model, schedule, seed: int, device) -> tuple[object, dict]:
     """``(denoiser to sample with, facts)``. ``facts["sampling_engine"]`` is ``fast`` (with the
     number of converted and still-eager layers) or ``eager`` (with the reason)."""
+    if not isinstance(denoiser, Denoiser):  # a method's own wrapper (envelope contract): sample it as it is
+        reason = f"the method's own wrapper ({type(denoiser).__name__})"
+        return denoiser, {"sampling_engine": "eager", "sampling_engine_reason": reason, "fast_layers": 0,
+                          "eager_layers": 0}
     fast, report = fast_denoiser(denoiser, timesteps=schedule.timesteps)
     facts = {"fast_layers": report["converted"], "eager_layers": report["skipped"]}
     if report["converted"] == 0:

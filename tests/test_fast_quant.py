@@ -216,3 +216,21 @@ def test_fp_has_nothing_to_convert(quantized):
     assert form is model.denoiser
     assert facts == {"sampling_engine": "eager", "sampling_engine_reason": "no quantized layer",
                      "fast_layers": 0, "eager_layers": 0}
+
+
+def test_a_method_wrapper_samples_as_it_is(quantized):
+    """A method may return its own denoiser wrapper (the envelope allows it): it is sampled unchanged."""
+    model, schedule, denoiser = quantized
+
+    class Wrapper(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner, self.unet = inner, inner.unet
+
+        def forward(self, x, t, cond=None):
+            return self.inner(x, t, cond)
+
+    w = Wrapper(denoiser)
+    form, facts = sampling_form(w, model, schedule, seed=0, device="cpu")
+    assert form is w and facts["sampling_engine"] == "eager"
+    assert facts["sampling_engine_reason"] == "the method's own wrapper (Wrapper)"
