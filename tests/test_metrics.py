@@ -126,8 +126,15 @@ def test_identical_sets_and_kid_with_image_reference(tmp_path):
     same = M.compute_metrics(ref, reference=ref, cache_dir=str(tmp_path), kid_subsets=10, clean_fid=False)
     other = M.compute_metrics(_images(40, 2) // 2, reference=ref, cache_dir=str(tmp_path), kid_subsets=10)
     assert set(other) == CIFARNET_KEYS
-    # KID is unbiased: ~0 for the same set, positive for a darker one; subset size adapts to N=40.
-    assert abs(same["kid/cifarnet"]) < 0.1 * other["kid/cifarnet"]
+    # KID of a set against itself is not 0 but, by hand, -(2/m)(mean k(x,x) - mean_{i!=j} k(x_i,x_j)) with the
+    # cubic kernel k(x,y) = (x.y/d + 1)^3 (unbiased within-set terms, full cross term; the subset size adapts
+    # to N=40, so the one subset is the whole set); a darker set scores far above it.
+    f = M.sample_features(ref, "cifarnet", clean_fid=False)["cifarnet/pool"].astype(np.float64)
+    k = (f @ f.T / f.shape[1] + 1) ** 3
+    m = len(f)
+    by_hand = -(2 / m) * (np.diag(k).mean() - (k.sum() - np.trace(k)) / (m * (m - 1)))
+    assert same["kid/cifarnet"] == pytest.approx(by_hand, rel=1e-3)
+    assert other["kid/cifarnet"] > 5 * abs(same["kid/cifarnet"])
     assert same["fid/cifarnet"] < 1e-3 * other["fid/cifarnet"]
     assert same["sfid/cifarnet"] < 1e-3 * other["sfid/cifarnet"]
     assert list(tmp_path.glob("custom-cifarnet-*.npz")), "reference statistics were not cached"
