@@ -263,6 +263,8 @@ def running_stat(denoiser: Denoiser, quantizers: list, init_batch: dict, samples
     family's script does; a last partial batch is dropped (``int(N / batch)``). Returns #batches."""
     n, b = samples["x"].shape[0], st["running_stat_batch"]
     usable = n - n % b
+    if usable == 0:  # fewer samples than one batch: the official loop runs int(N / batch) = 0 times
+        return 0
     if st["running_stat_shuffle"]:
         batches = random_batches(samples, b, usable, seed=1)
     else:

@@ -195,6 +195,11 @@ def test_running_stat_is_the_official_ema():
     assert (lo, hi) == pytest.approx((-1.045, 1.1975))
     assert q.scale.item() == pytest.approx((hi - lo) / 255, rel=1e-6)
     assert q.zero_point.item() == round(-lo / ((hi - lo) / 255))
+    # fewer samples than one batch: int(N / batch) = 0 passes, the range is left as it is
+    scale = q.scale.clone()
+    assert running_stat(net, [q], init, {"x": x[:1], "t": torch.zeros(1)},
+                        {"running_stat_batch": 2, "running_stat_shuffle": True}, "cpu") == 0
+    assert torch.equal(q.scale, scale)
 
 
 def test_running_stat_follows_the_family(model, tmp_path):
