@@ -48,6 +48,12 @@ def initial_noise_and_cond(model: LoadedModel, seeds: list[int]) -> tuple[torch.
     return per_image_randn(gens, model.sample_shape), cond, gens
 
 
+def first_images(model: LoadedModel, run_seed: int, n: int, device) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """x_T and condition of a run's first ``n`` images, on ``device`` (the checks before sampling use them)."""
+    x, cond, _ = initial_noise_and_cond(model, eval_seeds(run_seed, 0, n))
+    return x.to(device), (cond.to(device) if cond is not None else None)
+
+
 @torch.no_grad()
 def record_trajectories(
     model: LoadedModel,

@@ -136,6 +136,16 @@ def check_out_dir(specs: list[RunSpec], options: PreflightOptions) -> None:
     _writable_target(Path(options.out), f"--out {options.out}", file_ok=False)
 
 
+def check_same_weights(specs: list[RunSpec], options: PreflightOptions) -> None:
+    """A run directory drawn from other weights than those now at its model's path is not resumed."""
+    from harness.weights_record import stale_run
+
+    for s in specs:
+        why = stale_run(s, Path(options.out) / "runs" / s.run_name)
+        if why:
+            raise PreflightError(f"{why}: pass a fresh --out, or delete that run directory to redo it")
+
+
 def check_free_space(specs: list[RunSpec], options: PreflightOptions) -> None:
     """Refuse a sweep whose sample shards cannot fit: num_samples × H × W × 3 bytes per pending run, plus margins."""
     out = Path(options.out)
@@ -240,7 +250,7 @@ def check_clip_model(specs: list[RunSpec], options: PreflightOptions) -> None:
 
 
 CHECKS: list[Callable[[list[RunSpec], PreflightOptions], None]] = [
-    check_counts, check_device, check_tracking_uri, check_out_dir, check_free_space, check_metrics,
+    check_counts, check_device, check_tracking_uri, check_out_dir, check_same_weights, check_free_space, check_metrics,
     check_captions, check_clip_model,
 ]
 

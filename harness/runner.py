@@ -28,6 +28,7 @@ from harness.sampling_form import sampling_form
 from harness.shards import ShardStore
 from harness.spec import RunSpec
 from harness.tracking import git_revision, read_results, versions, write_json_atomic
+from harness.weights_record import record_weights
 from methods.base import BitConfig
 from methods.envelope import load_quantized, save_quantized
 from methods.quant.calibrate import call_at_step
@@ -211,7 +212,19 @@ def load_stage(spec: RunSpec, opts: RunOptions):
     return model, schedule, _bank(model, schedule, spec, opts)
 
 
-def _prepare(spec: RunSpec, opts: RunOptions, rdir: Path):
+@dataclass
+class Prepared:
+    """What a run samples and scores with, once its model is loaded and quantized."""
+
+    model: object
+    schedule: object
+    bank: TrajectoryBank
+    denoiser: object
+    facts: dict
+    seconds: float
+
+
+def _prepare(spec: RunSpec, opts: RunOptions, rdir: Path) -> Prepared:
     """Check that the run can be scored, load the model and its schedule, quantize it (or reload the
     quantized state), and check its first denoiser call on the run's own first images is finite."""
     from harness.preflight import caption_problems, metric_problems
@@ -224,26 +237,25 @@ def _prepare(spec: RunSpec, opts: RunOptions, rdir: Path):
     model, schedule, bank = load_stage(spec, opts)
     denoiser, facts = _quantize(spec, model, bank, rdir)
     check_first_call(spec, model, schedule, denoiser, opts.device)
-    return model, schedule, bank, denoiser, facts, time.perf_counter() - t
+    return Prepared(model, schedule, bank, denoiser, facts, time.perf_counter() - t)
 
 
 @torch.no_grad()
 def check_first_call(spec: RunSpec, model, schedule, denoiser, device) -> None:
     """The first sampler step on the run's first images, under hooks: a NaN/Inf output fails the run,
     naming the first layer that produced it, before any sample is drawn."""
-    from harness.calibration import initial_noise_and_cond
+    from harness.calibration import first_images
     from harness.finite import check_finite_output
     from methods.envelope import module_of
     from methods.quant.timestep import timestep_context
 
-    x, cond, _ = initial_noise_and_cond(model, eval_seeds(spec.seed, 0, min(PROBE_IMAGES, spec.num_samples)))
+    x, cond = first_images(model, spec.seed, min(PROBE_IMAGES, spec.num_samples), device)
     t0 = int(schedule.timesteps[0])
     t = torch.full((x.shape[0],), t0, dtype=torch.long, device=device)
-    c = cond.to(device) if cond is not None else None
 
     def call():
         with timestep_context(0, t0, schedule.num_steps):
-            return denoiser(x.to(device), t, c)
+            return denoiser(x, t, cond)
 
     check_finite_output(call, module_of(denoiser), f"{spec.model} {spec.method} {spec.bits}")
 
@@ -266,8 +278,10 @@ def run_one(spec: RunSpec, opts: RunOptions, rank: int = 0, world: int = 1) -> d
         D.barrier()
         return existing if rank == 0 else None
     rdir.mkdir(parents=True, exist_ok=True)
+    if rank == 0:
+        record_weights(spec, rdir)  # before any sample: a rerun on other weights is refused (harness.weights_record)
     error: BaseException | None = None
-    prepared = None
+    prepared: Prepared | None = None
     for turn in (0, 1):  # rank 0 calibrates and saves, then the other ranks reload what it saved
         if (rank == 0) == (turn == 0):
             try:
@@ -281,13 +295,12 @@ def run_one(spec: RunSpec, opts: RunOptions, rank: int = 0, world: int = 1) -> d
     store = ShardStore(rdir / "samples", spec.num_samples)
     engine: dict = {}
     if prepared is not None:
-        model, schedule, bank, denoiser, facts, prepare_seconds = prepared
+        p = prepared
         try:
-            denoiser, engine = sampling_form(denoiser, model, schedule, spec.seed, opts.device)
-            prepared = model, schedule, bank, denoiser, facts, prepare_seconds
+            p.denoiser, engine = sampling_form(p.denoiser, p.model, p.schedule, spec.seed, opts.device)
             desc = f"{spec.method} {spec.bits}" + (f" r{rank}/{world}" if world > 1 else "")
-            made = generate_samples(model, denoiser, schedule, spec.sampler, spec.eta, spec.seed, store, opts.device,
-                                    opts.batch_size, rank, world, desc=desc)
+            made = generate_samples(p.model, p.denoiser, p.schedule, spec.sampler, spec.eta, spec.seed, store,
+                                    opts.device, opts.batch_size, rank, world, desc=desc)
         except Exception as e:
             error = e
     sample_seconds = time.perf_counter() - t
@@ -309,11 +322,10 @@ def run_one(spec: RunSpec, opts: RunOptions, rank: int = 0, world: int = 1) -> d
     results["timings"]["sample_seconds"] = sample_seconds
     try:
         if prepared is not None:
-            model, schedule, bank, denoiser, facts, prepare_seconds = prepared
-            results["facts"] = dict(facts) | engine
+            results["facts"] = dict(prepared.facts) | engine
             results["reference"] = reference_record(spec, opts)
-            results["model_fingerprint"] = bank.fingerprint  # sha256 of the FP weights this run quantized
-            results["timings"]["calib_seconds"] = float(facts.get("calib_seconds", prepare_seconds))
+            results["model_fingerprint"] = prepared.bank.fingerprint  # sha256 of the FP weights this run quantized
+            results["timings"]["calib_seconds"] = float(prepared.facts.get("calib_seconds", prepared.seconds))
         if error is not None:
             raise error
         images = store.load_all()
@@ -325,7 +337,8 @@ def run_one(spec: RunSpec, opts: RunOptions, rank: int = 0, world: int = 1) -> d
             results["facts"]["feature_shards_by_rank"] = {str(r): shards for r, shards in by_rank.items()}
             results["facts"]["world_size"] = world
         t = time.perf_counter() if gathered is None else t  # with ranks: features (all ranks) + scoring
-        results["metrics"] = score(spec, opts, model, schedule, denoiser, images, features)
+        p = prepared
+        results["metrics"] = score(spec, opts, p.model, p.schedule, p.denoiser, images, features)
         results["timings"]["metric_seconds"] = time.perf_counter() - t
         results["status"] = "complete"
     except Exception as e:  # recorded; the sweep goes on

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from harness.calibration import eval_seeds, initial_noise_and_cond
+from harness.calibration import first_images
 from methods.quant.fast import fast_denoiser
 from methods.quant.timestep import timestep_context
 from models.denoiser import Denoiser
@@ -51,8 +51,7 @@ def sampling_form(denoiser, model, schedule, seed: int, device) -> tuple[object,
     if report["converted"] == 0:
         reason = "no quantizer has a static form" if report["skipped"] else "no quantized layer"
         return denoiser, {"sampling_engine": "eager", "sampling_engine_reason": reason, **facts}
-    x, cond, _ = initial_noise_and_cond(model, eval_seeds(seed, 0, CHECK_IMAGES))
-    x, cond = x.to(device), (cond.to(device) if cond is not None else None)
+    x, cond = first_images(model, seed, CHECK_IMAGES, device)
     ref, got = _outputs(denoiser, x, cond, schedule, device), _outputs(fast, x, cond, schedule, device)
     if all(torch.equal(a, b) for a, b in zip(ref, got)):
         return fast, {"sampling_engine": "fast", **facts}

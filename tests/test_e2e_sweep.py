@@ -131,6 +131,33 @@ def test_local_class_conditional_pipeline_directory(tmp_path):
     assert all(r["spec"]["model_path"] == str((tmp_path / "pipe").resolve()) for r in res)
 
 
+def test_weights_replaced_in_place_are_not_resumed(tmp_path):
+    """A --model-path whose weights were overwritten since OUT was drawn: the rerun is refused (exit 2,
+    nothing touched) instead of scoring the old samples as the new model's; the same weights saved
+    again (new mtime, same bytes) resume as before."""
+    pipe, out = tmp_path / "pipe", tmp_path / "out"
+
+    def save(seed):
+        torch.manual_seed(seed)
+        DDPMPipeline(unet=UNet2DModel(**TINY_RANDOM_UNET), scheduler=DDPMScheduler()).save_pretrained(pipe)
+
+    args = ("run", "--methods", "fp", "--model-path", str(pipe), "--bits", "w8a8", "--num-samples", "4",
+            "--steps", "2", "--out", str(out))
+    save(0)
+    assert _bench(*args).exit_code == 0
+    (res_path,) = out.glob("runs/*/*/results.json")
+    before = res_path.read_bytes()
+    assert json.loads((res_path.parent / "weights.json").read_text())["directory"] == str(pipe.resolve())
+    save(1)
+    refused = _bench(*args)
+    assert refused.exit_code == 2, refused.output
+    assert "other weights" in refused.output and str(res_path.parent) in refused.output
+    assert "Traceback" not in refused.output and res_path.read_bytes() == before
+    save(0)
+    again = _bench(*args)
+    assert again.exit_code == 0 and "1 already complete" in again.output, again.output
+
+
 def test_training_curve_from_snapshot_sweeps(tmp_path):
     """models/card.py --curve: one FP + RTN W4A8 sweep per training snapshot -> curve.json, figure, card table."""
     from models.card import _curve_lines, collect_curve, plot_curve
