@@ -41,7 +41,11 @@ def collect_curve(outs: list[Path]) -> dict:
             m = r["metrics"]
             return {k: [m[k], m.get(f"{k}_ci_low"), m.get(f"{k}_ci_high")] for k in CURVE_KEYS if k in m}
 
-        points.append({"steps": train["steps"], "fp": pick(fp), "rtn_w4a8": pick(rtn)})
+        # Training wall time so far, and its CPU time (segments' wall x threads): the curve's x in hours.
+        segs = train.get("segments", [])
+        cpu = sum(g["wall_seconds"] * (2 if "2 threads" in g.get("hardware", "") else 1) for g in segs)
+        points.append({"steps": train["steps"], "wall_seconds": train.get("wall_seconds"),
+                       "cpu_seconds": cpu or None, "fp": pick(fp), "rtn_w4a8": pick(rtn)})
     return {"protocol": protocol, "points": sorted(points, key=lambda p: p["steps"])}
 
 
@@ -75,7 +79,7 @@ def plot_curve(curve: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def _curve_lines(curve: dict) -> list[str]:
+def _curve_lines(curve: dict, shipped_steps: int | None = None) -> list[str]:
     proto = curve["protocol"]
 
     def cell(v):
@@ -90,12 +94,20 @@ def _curve_lines(curve: dict) -> list[str]:
              f"{proto['sampler'].upper()} steps ({proto['spacing']} spacing, eta {proto['eta']}), `cifarnet` "
              "against CIFAR-10 test statistics; cells: value [95% bootstrap interval].", "",
              "![training curve](training_curve.png)", "",
-             "| steps | FP `fid` | FP `kid` | RTN W4A8 `fid` | RTN W4A8 `kid` | RTN W4A8 `fid_fp` "
+             "| steps | CPU h | FP `fid` | FP `kid` | RTN W4A8 `fid` | RTN W4A8 `kid` | RTN W4A8 `fid_fp` "
              "| RTN W4A8 `paired/psnr` |",
-             "|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|"]
+    last = curve["points"][-1] if curve["points"] else None
+    if last and shipped_steps is not None and last["steps"] > shipped_steps:
+        lines[2:2] = [f"Training went on past the shipped checkpoint ({shipped_steps} steps) to {last['steps']} steps "
+                      "(the same command with `--resume`); the later snapshots are scored here and were not "
+                      "shipped (the one marked ships). CPU h: training wall time x threads, summed over segments.",
+                      ""]
     for p in curve["points"]:
         fp, q = p["fp"], p["rtn_w4a8"]
-        lines.append(f"| {p['steps']} | {cell(fp.get('fid/cifarnet'))} | {cell(fp.get('kid/cifarnet'))} | "
+        steps = f"{p['steps']}" + (" (shipped)" if p["steps"] == shipped_steps else "")
+        hours = f"{p['cpu_seconds'] / 3600:.2f}" if p.get("cpu_seconds") else "n/a"
+        lines.append(f"| {steps} | {hours} | {cell(fp.get('fid/cifarnet'))} | {cell(fp.get('kid/cifarnet'))} | "
                      f"{cell(q.get('fid/cifarnet'))} | {cell(q.get('kid/cifarnet'))} | "
                      f"{cell(q.get('fid_fp/cifarnet'))} | {cell(q.get('paired/psnr'))} |")
     return [*lines, ""]
@@ -176,7 +188,7 @@ def render(asset_dir: Path) -> str:
         lines.append("")
     curve_path = asset_dir / "curve.json"
     if curve_path.exists():
-        lines += _curve_lines(json.loads(curve_path.read_text()))
+        lines += _curve_lines(json.loads(curve_path.read_text()), shipped_steps=train["steps"])
     return "\n".join(lines)
 
 

@@ -167,7 +167,8 @@ def test_training_curve_from_snapshot_sweeps(tmp_path):
         torch.manual_seed(steps)
         pipe = tmp_path / f"snap{steps}"
         DDPMPipeline(unet=UNet2DModel(**TINY_RANDOM_UNET), scheduler=DDPMScheduler()).save_pretrained(pipe)
-        (pipe / "training.json").write_text(json.dumps({"steps": steps}))
+        segments = [{"wall_seconds": 1800.0, "hardware": "CPU (x86_64, 2 threads)"}] * (steps // 10)
+        (pipe / "training.json").write_text(json.dumps({"steps": steps, "segments": segments}))
         out = tmp_path / f"out{steps}"
         result = _bench("run", "--methods", "rtn", "--model-path", str(pipe), "--bits", "w4a8",
                         "--num-samples", "4", "--steps", "2", "--out", str(out))
@@ -179,5 +180,7 @@ def test_training_curve_from_snapshot_sweeps(tmp_path):
     assert rtn["fid_fp/cifarnet"][0] > 0 and rtn["fid_fp/cifarnet"][1] <= rtn["fid_fp/cifarnet"][0]
     plot_curve(curve, tmp_path / "curve.png")
     assert (tmp_path / "curve.png").read_bytes()[:4] == b"\x89PNG"
-    table = [line for line in _curve_lines(curve) if line.startswith("| 10 |") or line.startswith("| 30 |")]
+    table = [line for line in _curve_lines(curve, shipped_steps=30) if line.startswith(("| 10 |", "| 30 (shipped) |"))]
     assert len(table) == 2 and f"{rtn['fid_fp/cifarnet'][0]:.4g}" in table[0]
+    # CPU hours: wall x threads summed over segments, 1 x 1800 s x 2 = 1.00 h and 3 x 1800 s x 2 = 3.00 h
+    assert table[0].split("|")[2].strip() == "1.00" and table[1].split("|")[2].strip() == "3.00"
