@@ -129,12 +129,20 @@ def test_identical_sets_and_kid_with_image_reference(tmp_path):
     # KID of a set against itself is not 0 but, by hand, -(2/m)(mean k(x,x) - mean_{i!=j} k(x_i,x_j)) with the
     # cubic kernel k(x,y) = (x.y/d + 1)^3 (unbiased within-set terms, full cross term; the subset size adapts
     # to N=40, so the one subset is the whole set); a darker set scores far above it.
-    f = M.sample_features(ref, "cifarnet", clean_fid=False)["cifarnet/pool"].astype(np.float64)
+    def pool(images):
+        return M.sample_features(images, "cifarnet", clean_fid=False)["cifarnet/pool"].astype(np.float64)
+
+    f = pool(ref)
     k = (f @ f.T / f.shape[1] + 1) ** 3
     m = len(f)
     by_hand = -(2 / m) * (np.diag(k).mean() - (k.sum() - np.trace(k)) / (m * (m - 1)))
     assert same["kid/cifarnet"] == pytest.approx(by_hand, rel=1e-3)
-    assert other["kid/cifarnet"] > 5 * abs(same["kid/cifarnet"])
+    # Two sets, by hand: unbiased within-set means (off-diagonal) minus twice the full cross mean.
+    g = pool(_images(40, 2) // 2)
+    kg, kfg = (g @ g.T / g.shape[1] + 1) ** 3, (f @ g.T / f.shape[1] + 1) ** 3
+    off = lambda a: (a.sum() - np.trace(a)) / (m * (m - 1))  # noqa: E731
+    assert other["kid/cifarnet"] == pytest.approx(off(k) + off(kg) - 2 * kfg.mean(), rel=1e-3)
+    assert other["kid/cifarnet"] > 0 > same["kid/cifarnet"]
     assert same["fid/cifarnet"] < 1e-3 * other["fid/cifarnet"]
     assert same["sfid/cifarnet"] < 1e-3 * other["sfid/cifarnet"]
     assert list(tmp_path.glob("custom-cifarnet-*.npz")), "reference statistics were not cached"
