@@ -156,31 +156,37 @@ class TrajectoryBank:
             self.model, self.denoiser, self.schedule, self.sampler, self.eta, seeds, self.device, self.batch_size
         )
 
-    def _load(self) -> Trajectories | None:
-        if not self.path.exists():
+    def _load(self, path: Path) -> Trajectories | None:
+        if not path.exists():
             return None
-        d = load_file(str(self.path))
+        d = load_file(str(path))
         return Trajectories(d["x"], self.timesteps, d.get("cond"), d.get("eps"))
 
-    def _save(self, traj: Trajectories) -> None:
+    def _save(self, traj: Trajectories, path: Path) -> None:
         tensors = {"x": traj.x.contiguous(), "eps": traj.eps.contiguous()}
         if traj.cond is not None:
             tensors["cond"] = traj.cond.contiguous()
         # atomic, per-process temporary: a crash never leaves a half-written bank, and concurrent jobs
         # of one array may extend the same bank
-        with atomic_path(self.path) as tmp:
+        with atomic_path(path) as tmp:
             save_file(tensors, str(tmp))
 
-    def trajectories(self, n: int) -> Trajectories:
-        have = self._load()
+    def _cached(self, path: Path, seed_base: int, n: int) -> Trajectories:
+        """The first ``n`` trajectories of seeds ``seed_base + j``, recorded once into ``path``."""
+        have = self._load(path)
         count = 0 if have is None else have.num_images
         if count < n:
-            new = self._record([self.seed_base + j for j in range(count, n)])
+            new = self._record([seed_base + j for j in range(count, n)])
             have = new if have is None else _concat(have, new)
-            self._save(have)
+            self._save(have, path)
         sl = slice(0, n)
         return Trajectories(have.x[sl], self.timesteps, None if have.cond is None else have.cond[sl], have.eps[sl])
 
+    def trajectories(self, n: int) -> Trajectories:
+        return self._cached(self.path, self.seed_base, n)
+
     def generate(self, n: int, round_index: int) -> Trajectories:
-        base = self.seed_base + (round_index + 1) * ROUND_SEED_STRIDE
-        return self._record([base + j for j in range(n)])
+        """Round ``round_index``'s own seeds, cached beside the bank: the runs of one method at other
+        bit-widths (and reruns) draw the same rounds without sampling them again."""
+        path = self.path.with_name(f"{self.path.stem}-round{round_index}{self.path.suffix}")
+        return self._cached(path, self.seed_base + (round_index + 1) * ROUND_SEED_STRIDE, n)

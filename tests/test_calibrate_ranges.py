@@ -44,3 +44,17 @@ def test_reservoir_is_uniform_over_the_stream():
         r.add(torch.full((500,), float(i)))
     counts = torch.bincount(r.values.long(), minlength=20).float()
     assert r.values.numel() == 2000 and counts.min() > 60 and counts.max() < 140  # 100 expected per batch
+
+
+def test_reservoir_keeps_exactly_the_smallest_keys_of_the_whole_stream():
+    r = Reservoir(700, torch.Generator().manual_seed(3))
+    replay = torch.Generator().manual_seed(3)  # the same key stream, drawn by hand
+    keys, values = [], []
+    for i in range(12):
+        x = torch.arange(300, dtype=torch.float32) + 1000 * i
+        r.add(x)
+        keys.append(torch.rand(300, generator=replay))
+        values.append(x)
+    order = torch.cat(keys).argsort()[:700]
+    assert torch.equal(r.keys.sort().values, torch.cat(keys)[order])
+    assert torch.equal(r.values.sort().values, torch.cat(values)[order].sort().values)

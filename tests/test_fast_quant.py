@@ -37,6 +37,17 @@ def test_fused_fake_quant_matches_both_eager_formulas(monkeypatch):
     assert torch.equal(fused_fake_quant(x, s_c, z_c, -8, 7, reciprocal=False), fake_quant(x, s_c, z_c, -8, 7))
     native_c = torch.fake_quantize_per_channel_affine(x, s_c.flatten(), z_c.flatten().int(), 1, -8, 7)
     assert torch.equal(fused_fake_quant(x, s_c, z_c, -8, 7), native_c)
+    # CPU: computed in place on a fresh tensor, never on the caller's (fp32 input aliases x.float())
+    x_before = x.clone()
+    fused_fake_quant(x, scale, zp, 0, 255)
+    assert torch.equal(x, x_before)
+    # exact ties (k + 0.5) * s, and values clamped at both ends: the native kernel's rounding and clamp
+    ties = (torch.arange(-300, 300, dtype=torch.float32) + 0.5) * scale
+    assert torch.equal(fused_fake_quant(ties, scale, zp, 0, 255),
+                       torch.fake_quantize_per_tensor_affine(ties, scale, zp.to(torch.int32), 0, 255))
+    # with autograd on (calibration): the same values, computed out of place
+    xg = x.clone().requires_grad_()
+    assert torch.equal(fused_fake_quant(xg, scale, zp, 0, 255).detach(), native)
     xb = x.bfloat16()
     out = fused_fake_quant(xb, scale, zp, 0, 255)
     assert out.dtype == torch.bfloat16

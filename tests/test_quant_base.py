@@ -226,5 +226,13 @@ def test_fast_params_static_forms():
     assert p.per_step and not p.reciprocal and p.scale.tolist() == pytest.approx([0.1, 0.2])
     with pytest.raises(TypeError):
         table.fast_params([999, 0])  # fitted on another schedule
+    # TDQ's export: a table with the step-size MLP as fallback. On the table's own schedule the eager
+    # path never calls the MLP, so the table is the static form; elsewhere it stays eager.
+    exported = TDQActQuantizer(4, TDQStepMLP()).export([900, 100])
+    assert exported.fallback is not None
+    p = exported.fast_params([900, 100])
+    assert p.per_step and torch.equal(p.scale, exported.scale)
+    with pytest.raises(TypeError):
+        exported.fast_params([999, 0])
     with pytest.raises(TypeError):
         TDQActQuantizer(4, TDQStepMLP()).fast_params([900, 100])  # no static form until exported

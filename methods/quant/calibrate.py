@@ -85,6 +85,9 @@ class Reservoir:
     def add(self, x: torch.Tensor) -> Reservoir:
         flat = x.detach().float().flatten().cpu()
         keys = torch.rand(flat.numel(), generator=self.gen)
+        if self.keys.numel() >= self.size:  # full: only keys below the largest kept one can enter
+            keep = keys < self.keys.max()  # and the selection below runs over fewer
+            flat, keys = flat[keep], keys[keep]
         values, keys = torch.cat([self.values, flat]), torch.cat([self.keys, keys])
         if values.numel() > self.size:
             keys, idx = torch.topk(keys, self.size, largest=False)

@@ -135,12 +135,13 @@ class StepTableQuantizer(Quantizer):
     def fast_params(self, timesteps: Sequence[int] | None = None) -> FastParams | None:
         """Device tables, row = step index: only for tables fitted on exactly the sampling schedule.
 
-        With a fallback module, or another schedule, rows are found by timestep at each call,
-        which the eager path does.
+        With another schedule, rows are found by timestep at each call, which the eager path does.
+        A fallback module (TDQ's MLP) does not stand in the way: on the table's own schedule the
+        eager path finds every timestep in the table and never calls it.
         """
         if not self.active:
             return None
-        if self.fallback is not None or timesteps is None or self.timesteps.tolist() != [int(t) for t in timesteps]:
+        if timesteps is None or self.timesteps.tolist() != [int(t) for t in timesteps]:
             raise TypeError("step table does not match the sampling schedule")
         qmin, qmax = self.qmin_qmax
         # reciprocal=False: x / s, the rounding of fake_quant that the eager forward uses.
