@@ -33,7 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from methods.quant.base import OFF_BITS, Quantizer, fake_quant, scale_zero_point
+from methods.quant.base import OFF_BITS, Quantizer, scale_zero_point
+from methods.quant.mixture import group_mixture
 from methods.quant.step_table import StepTableQuantizer
 from methods.quant.timestep import require_step
 
@@ -133,11 +134,11 @@ class GroupMixtureQuantizer(Quantizer):
         n = x.dim()
         shape = [self.groups] + [1] * n
         xin = x if self.input_grad else x.detach()  # official: torch.round without STE passes no input gradient
-        q = fake_quant(xin.unsqueeze(0), scale.view(shape), zp.view(shape), qmin, qmax)  # [G, *x.shape]
         w_shape = [self.groups] + [1] * n
         if self.per_channel:
             w_shape[1 + self.channel_axis % n] = -1
-        return (q * w.reshape(w_shape)).sum(0)
+        # = (fake_quant(xin.unsqueeze(0), scale, zp) * w).sum(0), values and gradients, in fewer passes
+        return group_mixture(xin, w.reshape(w_shape), scale.view(shape), zp.view(shape), qmin, qmax)
 
     @torch.no_grad()
     def _search_floor(self, x: torch.Tensor, step: int) -> None:
