@@ -40,11 +40,11 @@ class Protocol:
 
 
 PROTOCOLS = {
-    # 128 x 10: chosen from measurement (results/README.md, "Choosing the smoke protocol"): every method x
+    # 64 x 10: chosen from measurement (results/README.md, "Choosing the smoke protocol"): every method x
     # {w8a8, w4a8} within 4 minutes on 2 CPU cores, and RTN W4A8 still apart from FP, beyond the intervals,
     # on fid_fp/cifarnet and paired/psnr.
-    "smoke": Protocol("smoke", "fast", num_samples=128, steps=10,
-                      description="CPU smoke: 128 samples, 10 steps, fast presets; relative comparisons only"),
+    "smoke": Protocol("smoke", "fast", num_samples=64, steps=10,
+                      description="CPU smoke: 64 samples, 10 steps, fast presets; relative comparisons only"),
     "paper": Protocol("paper", "paper",
                       description="the model's published protocol (steps, eta, spacing, 50k samples)"),
 }
