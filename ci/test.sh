@@ -19,5 +19,5 @@ python -m pytest -q -rs
 
 # The embedded benchmark under the smoke protocol, gated by the committed baseline.
 out="${DMQ_CI_OUT:-$(mktemp -d)/smoke}"
-bench run --out "$out"
+time bench run --out "$out"  # its wall time in the log: the default run is meant to take at most 4 minutes on 2 cores
 bench regress --out "$out" --baseline results/baselines/smoke.json

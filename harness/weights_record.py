@@ -27,10 +27,11 @@ def weights_dir(spec: RunSpec) -> Path | None:
     """The local pipeline directory the spec's weights load from, or ``None`` (hub or random-init)."""
     if spec.model_path:
         return Path(spec.model_path).resolve()
-    from models.registry import ASSETS, get_model
+    from models.loading import pipeline_dir
+    from models.registry import get_model
 
     model = get_model(spec.model)
-    return (ASSETS / model.location).resolve() if model.source == "embedded" else None
+    return Path(pipeline_dir(model, None)).resolve() if model.source == "embedded" else None
 
 
 def weights_digest(directory: Path) -> str:

@@ -14,12 +14,19 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 from pathlib import Path
 
 from models.registry import ASSETS
 
 KEYS = ("fid/cifarnet", "sfid/cifarnet", "is/cifarnet", "kid/cifarnet", "clean_fid/cifarnet")
 CURVE_KEYS = ("fid/cifarnet", "kid/cifarnet", "fid_fp/cifarnet", "paired/psnr")
+
+
+def segment_threads(segment: dict) -> int:
+    """Threads a training segment ran on, from its hardware line (``CPU (x86_64, 2 threads)``); 1 if unsaid."""
+    found = re.search(r"(\d+) threads?\b", segment.get("hardware", ""))
+    return int(found.group(1)) if found else 1
 
 
 def collect_curve(outs: list[Path]) -> dict:
@@ -42,10 +49,8 @@ def collect_curve(outs: list[Path]) -> dict:
             return {k: [m[k], m.get(f"{k}_ci_low"), m.get(f"{k}_ci_high")] for k in CURVE_KEYS if k in m}
 
         # Training wall time so far, and its CPU time (segments' wall x threads): the curve's x in hours.
-        segs = train.get("segments", [])
-        cpu = sum(g["wall_seconds"] * (2 if "2 threads" in g.get("hardware", "") else 1) for g in segs)
-        points.append({"steps": train["steps"], "wall_seconds": train.get("wall_seconds"),
-                       "cpu_seconds": cpu or None, "fp": pick(fp), "rtn_w4a8": pick(rtn)})
+        cpu = sum(g["wall_seconds"] * segment_threads(g) for g in train.get("segments", []))
+        points.append({"steps": train["steps"], "cpu_seconds": cpu or None, "fp": pick(fp), "rtn_w4a8": pick(rtn)})
     return {"protocol": protocol, "points": sorted(points, key=lambda p: p["steps"])}
 
 
@@ -154,9 +159,9 @@ def render(asset_dir: Path) -> str:
     lines += ["Reproduce (same data, same budgets; segment k > 1 adds `--resume`; `training.json` keeps only the "
               "last segment's `--lr`/`--ema-decay`, so earlier segments show those too: for tiny-cifar10, "
               "segments 1-2 used EMA 0.995):", "", "```bash"]
-    for i, g in enumerate(segments or [{"wall_seconds": cfg["max_minutes"] * 60, "batch_size": cfg["batch_size"]}]):
-        threads = "1" if "1 threads" in g.get("hardware", "") else "2"
-        lines.append(f"OMP_NUM_THREADS={threads} bench train model tiny-cifar10 --data {data['path']} "
+    for i, g in enumerate(segments or [{"wall_seconds": cfg["max_minutes"] * 60, "batch_size": cfg["batch_size"],
+                                        "hardware": train.get("hardware", "")}]):
+        lines.append(f"OMP_NUM_THREADS={segment_threads(g)} bench train model tiny-cifar10 --data {data['path']} "
                      f"--minutes {round(g['wall_seconds'] / 60)} --batch-size {g['batch_size']} --lr {cfg['lr']} "
                      f"--ema-decay {cfg['ema_decay']}" + (" --resume" if i else ""))
     lines += [

@@ -42,7 +42,8 @@ class ModelLoadError(RuntimeError):
     pass
 
 
-def _pipeline_dir(spec: ModelSpec, model_path: str | None) -> str:
+def pipeline_dir(spec: ModelSpec, model_path: str | None) -> str:
+    """Where a model's pipeline loads from: ``--model-path``, the embedded asset directory, or the hub id."""
     if model_path:
         return model_path
     if spec.source == "embedded":
@@ -92,7 +93,7 @@ def load_model(spec: ModelSpec, model_path: str | None = None, device: str | tor
         unet = UNet2DModel(**spec.random_config)
         scheduler, components = DDPMScheduler(**_DDPM_LINEAR), {}
     else:
-        unet, scheduler, components = _from_pipeline(_pipeline_dir(spec, model_path), spec)
+        unet, scheduler, components = _from_pipeline(pipeline_dir(spec, model_path), spec)
     if not isinstance(scheduler, DDPMScheduler):
         scheduler = DDPMScheduler.from_config(scheduler.config)
     unet = unet.to(device).eval().requires_grad_(False)

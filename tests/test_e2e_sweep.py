@@ -160,8 +160,9 @@ def test_weights_replaced_in_place_are_not_resumed(tmp_path):
 
 def test_training_curve_from_snapshot_sweeps(tmp_path):
     """models/card.py --curve: one FP + RTN W4A8 sweep per training snapshot -> curve.json, figure, card table."""
-    from models.card import _curve_lines, collect_curve, plot_curve
+    from models.card import _curve_lines, collect_curve, plot_curve, segment_threads
 
+    assert segment_threads({"hardware": "CPU (x86_64, 12 threads)"}) == 12 and segment_threads({}) == 1
     outs = []
     for steps in (10, 30):  # two "snapshots" (random weights): the card orders them by training steps
         torch.manual_seed(steps)
