@@ -48,7 +48,7 @@ def collect_curve(outs: list[Path]) -> dict:
             m = r["metrics"]
             return {k: [m[k], m.get(f"{k}_ci_low"), m.get(f"{k}_ci_high")] for k in CURVE_KEYS if k in m}
 
-        # Training wall time so far, and its CPU time (segments' wall x threads): the curve's x in hours.
+        # CPU time of the training so far (each segment's wall time x its threads): the curve's x in hours.
         cpu = sum(g["wall_seconds"] * segment_threads(g) for g in train.get("segments", []))
         points.append({"steps": train["steps"], "cpu_seconds": cpu or None, "fp": pick(fp), "rtn_w4a8": pick(rtn)})
     return {"protocol": protocol, "points": sorted(points, key=lambda p: p["steps"])}
@@ -97,7 +97,8 @@ def _curve_lines(curve: dict, shipped_steps: int | None = None) -> list[str]:
     lines = ["## Training curve", "",
              f"FP and RTN W4A8 of each training snapshot: {proto['num_samples']} samples, {proto['steps']} "
              f"{proto['sampler'].upper()} steps ({proto['spacing']} spacing, eta {proto['eta']}), `cifarnet` "
-             "against CIFAR-10 test statistics; cells: value [95% bootstrap interval].", "",
+             "against CIFAR-10 test statistics; cells: value [95% bootstrap interval]; CPU h: training wall time "
+             "x threads, summed over segments.", "",
              "![training curve](training_curve.png)", "",
              "| steps | CPU h | FP `fid` | FP `kid` | RTN W4A8 `fid` | RTN W4A8 `kid` | RTN W4A8 `fid_fp` "
              "| RTN W4A8 `paired/psnr` |",
@@ -106,7 +107,7 @@ def _curve_lines(curve: dict, shipped_steps: int | None = None) -> list[str]:
     if last and shipped_steps is not None and last["steps"] > shipped_steps:
         lines[2:2] = [f"Training went on past the shipped checkpoint ({shipped_steps} steps) to {last['steps']} steps "
                       "(the same command with `--resume`); the later snapshots are scored here and were not "
-                      "shipped (the one marked ships). CPU h: training wall time x threads, summed over segments.",
+                      "shipped (the one marked ships).",
                       ""]
     for p in curve["points"]:
         fp, q = p["fp"], p["rtn_w4a8"]
